@@ -1,0 +1,251 @@
+"""Orchestration: bring every cluster of a lab to a target state, show status, render, tear down.
+
+Clusters advance in parallel, each under its own lock and record; the lab-wide ``meshed`` state
+starts only once every cluster has reached the state before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from lab import logs
+from lab.config import ClusterConfig, LabConfig
+from lab.errors import LabError
+from lab.pipeline import ClusterPipeline
+from lab.state import STATES, Record, StateStore
+from lab.steps import STEPS, implemented_states
+from lab.steps.base import Rendered, StepContext, Timeouts, Verdict, dump_yaml
+from lab.tools import Tools
+from lab.ui import Progress
+
+
+def default_target(cfg: LabConfig) -> str:
+    states = implemented_states()
+    want = "meshed" if cfg.is_mesh else "locked"
+    return want if want in states else states[-1]
+
+
+def check_target(cfg: LabConfig, target: str) -> None:
+    if target not in STATES or target == "absent":
+        raise LabError(f"unknown target state {target!r}",
+                       f"use one of: {', '.join(STATES[1:])} (or `invoke lab.down`)")
+    if target not in implemented_states():
+        raise LabError(f"state {target!r} is not available in this version",
+                       f"the furthest state is {implemented_states()[-1]!r}")
+    if target == "meshed" and not cfg.is_mesh:
+        raise LabError("`meshed` needs at least two clusters in the config",
+                       "use config/mesh.yaml (`--config config/mesh.yaml`) or stop at `locked`")
+
+
+class Lab:
+    def __init__(self, cfg: LabConfig, *, kubeconfig: str | None = None,
+                 progress: Progress | None = None, timeouts: Timeouts | None = None) -> None:
+        self.cfg = cfg
+        self.store = StateStore(cfg.state_dir)
+        self.kubeconfig = kubeconfig
+        self.progress = progress or Progress()
+        self.timeouts = timeouts or Timeouts.from_env()
+        self.log = logs.get("lab")
+        v = cfg.versions
+        self.pinned = {"kind": v.kind, "helm": v.helm, "cilium": v.cilium_cli}
+
+    def context(self, cluster: ClusterConfig, record: Record | None = None,
+                dry_run: bool = False) -> StepContext:
+        tools = Tools(self.cfg.state_dir / "bin", self.log.bind(cluster=cluster.name), self.pinned)
+        return StepContext(self.cfg, cluster, self.store,
+                           record or self.store.load(cluster.name), tools,
+                           self.log.bind(cluster=cluster.name), self.timeouts,
+                           self.kubeconfig, dry_run)
+
+    # -- up -----------------------------------------------------------------------------------------
+
+    def up(self, target: str | None = None, resume: bool = False,
+           clusters: list[str] | None = None) -> None:
+        target = target or default_target(self.cfg)
+        check_target(self.cfg, target)
+        chosen = [self.cfg.cluster(n) for n in clusters] if clusters else list(self.cfg.clusters)
+        before_mesh = "locked" if target == "meshed" else target
+        before_mesh = min(before_mesh, implemented_states()[-1], key=STATES.index)
+        self._parallel(chosen, lambda c: self._up_cluster(c, before_mesh, resume))
+        if target == "meshed":
+            self._parallel(chosen, lambda c: self._up_cluster(c, "meshed", resume))
+
+    def _parallel(self, clusters: list[ClusterConfig],
+                  work: Callable[[ClusterConfig], None]) -> None:
+        if len(clusters) == 1:
+            work(clusters[0])
+            return
+        errors: list[tuple[str, BaseException]] = []
+        with ThreadPoolExecutor(max_workers=len(clusters)) as pool:
+            futures = {pool.submit(work, c): c.name for c in clusters}
+            for fut, name in futures.items():
+                exc = fut.exception()
+                if exc is not None:
+                    errors.append((name, exc))
+        if len(errors) == 1:
+            raise errors[0][1]
+        if errors:
+            raise LabError("; ".join(f"{n}: {e}" for n, e in errors),
+                           "fix the causes above, then run `invoke lab.up --resume`")
+
+    @contextlib.contextmanager
+    def _bound(self, cluster: str) -> Iterator[None]:
+        logs.bind(cluster=cluster)
+        try:
+            yield
+        finally:
+            logs.unbind("cluster")
+
+    def _up_cluster(self, cluster: ClusterConfig, target: str, resume: bool) -> None:
+        with self._bound(cluster.name), self.store.lock(cluster.name, "lab.up"):
+            record = self.store.load(cluster.name)
+            ctx = self.context(cluster, record)
+            interrupted = record.running
+            if interrupted:
+                interrupted.outcome = "interrupted"
+                interrupted.error = "the process stopped inside this transition"
+                self.log.warning("state.interrupted", transition=interrupted.name)
+            record.config_fingerprint = self.cfg.fingerprint()
+            record.versions = {k: str(v) for k, v in self.cfg.versions.__dict__.items()}
+            pipe = ClusterPipeline(ctx, STEPS, self.progress)
+            target_index = STATES.index(target)
+            if resume:
+                self._reprobe(pipe)
+            else:
+                # Re-converge every completed step in order (idempotent), then go on.
+                for name in STATES[1:min(STATES.index(pipe.state), target_index) + 1]:
+                    pipe.reconcile(name)
+            while STATES.index(pipe.state) < target_index:
+                pipe.advance()
+            self.store.save(ctx.record)
+            self.log.info("cluster.converged", state=pipe.state)
+
+    def _reprobe(self, pipe: ClusterPipeline) -> None:
+        """--resume: trust the record, but step back to the last state whose probe still holds."""
+        for name in STATES[1:STATES.index(pipe.state) + 1]:
+            verdict = STEPS[name].probe(pipe.ctx)
+            if not verdict.ready:
+                previous = STATES[STATES.index(name) - 1]
+                pipe.step_back(previous, f"`{name}` no longer holds ({verdict.explain()})")
+                return
+
+    # -- plan (--dry-run) --------------------------------------------------------------------------
+
+    def plan(self, target: str | None = None, resume: bool = False) -> list[dict[str, Any]]:
+        """What `lab.up` would do, from the records alone. Changes nothing."""
+        target = target or default_target(self.cfg)
+        check_target(self.cfg, target)
+        out: list[dict[str, Any]] = []
+        for cluster in self.cfg.clusters:
+            record = self.store.load(cluster.name)
+            ctx = self.context(cluster, record, dry_run=True)
+            start = STATES.index(record.state) + 1 if resume else 1
+            for name in STATES[start:STATES.index(target) + 1]:
+                rendered = STEPS[name].render(ctx)
+                out.append({
+                    "cluster": cluster.name, "step": name, "title": STEPS[name].title,
+                    "commands": [" ".join(c) for c in rendered.commands],
+                    "helm": [f"{h.release} ({h.chart} {h.version}) in {h.namespace}"
+                             for h in rendered.helm],
+                    "objects": [_describe(o) for o in rendered.objects],
+                    "files": sorted(rendered.files),
+                })
+        return out
+
+    # -- status -------------------------------------------------------------------------------------
+
+    def status(self, live: bool = True) -> list[dict[str, Any]]:
+        rows = []
+        for cluster in self.cfg.clusters:
+            record = self.store.load(cluster.name)
+            row: dict[str, Any] = {
+                "cluster": cluster.name, "state": record.state, "updated": record.updated,
+                "allocation": {"id": cluster.id, "podCIDR": cluster.pod_cidr,
+                               "serviceCIDR": cluster.service_cidr,
+                               "lbPool": record.facts.get("lbPool", cluster.lb_pool),
+                               "httpHostPort": cluster.gateway.http_host_port,
+                               "httpsHostPort": cluster.gateway.https_host_port,
+                               "httpNodePort": cluster.gateway.http_node_port,
+                               "httpsNodePort": cluster.gateway.https_node_port,
+                               "clustermeshNodePort": cluster.clustermesh_node_port},
+                "configDrift": bool(record.config_fingerprint)
+                and record.config_fingerprint != self.cfg.fingerprint(),
+                "durations": _durations(record),
+                "gates": {},
+                "interrupted": record.running.name if record.running else None,
+            }
+            if live and record.state != "absent":
+                ctx = self.context(cluster, record)
+                for name in STATES[1:STATES.index(record.state) + 1]:
+                    try:
+                        verdict = STEPS[name].ready(ctx)
+                    except LabError as exc:
+                        verdict = Verdict(name)
+                        verdict.add("check", False, exc.message)
+                    row["gates"][name] = verdict.to_json()
+            else:
+                row["gates"] = {k: v for k, v in record.gates.items()}
+            rows.append(row)
+        return rows
+
+    # -- render -------------------------------------------------------------------------------------
+
+    def render(self, out: Path) -> list[Path]:
+        """Everything the lab would apply, per cluster, without Docker or a cluster."""
+        written: list[Path] = []
+        for cluster in self.cfg.clusters:
+            ctx = self.context(cluster, Record(cluster=cluster.name), dry_run=True)
+            base = out / cluster.name
+            for name in implemented_states()[1:]:
+                rendered: Rendered = STEPS[name].render(ctx)
+                for rel, text in rendered.files.items():
+                    written.append(_write(base / rel, text))
+                for h in rendered.helm:
+                    written.append(_write(base / h.values_file, dump_yaml(h.values)))
+                if rendered.objects:
+                    written.append(_write(base / name / "objects.yaml",
+                                          dump_yaml(rendered.objects)))
+        return written
+
+    # -- down ---------------------------------------------------------------------------------------
+
+    def down(self, clusters: list[str] | None = None) -> list[str]:
+        chosen = [self.cfg.cluster(n) for n in clusters] if clusters else list(self.cfg.clusters)
+        removed = []
+        for cluster in chosen:
+            with self._bound(cluster.name), self.store.lock(cluster.name, "lab.down"):
+                ctx = self.context(cluster)
+                with self.progress.step(cluster.name, "delete kind cluster"):
+                    args = ["delete", "cluster", "--name", cluster.name]
+                    if self.kubeconfig:
+                        args += ["--kubeconfig", self.kubeconfig]
+                    ctx.tools.run("kind", args, doing=f"deleting kind cluster {cluster.name!r}")
+                self.store.remove(cluster.name)
+                shutil.rmtree(ctx.work_dir, ignore_errors=True)
+                removed.append(cluster.name)
+        return removed
+
+
+def _describe(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata", {})
+    ns = meta.get("namespace")
+    return f"{obj.get('kind')} {ns + '/' if ns else ''}{meta.get('name')}"
+
+
+def _durations(record: Record) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for t in record.history:
+        if t.outcome == "ok" and t.seconds is not None:
+            out[t.name] = t.seconds
+    return out
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path

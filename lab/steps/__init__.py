@@ -1,0 +1,21 @@
+"""The pipeline's steps, one module each, keyed by the state they lead to."""
+
+from __future__ import annotations
+
+from lab.state import STATES
+from lab.steps.base import Step
+from lab.steps.cluster import ClusterStep
+
+STEPS: dict[str, Step] = {
+    "cluster": ClusterStep(),
+}
+
+
+def implemented_states() -> list[str]:
+    """``absent`` plus every state with a step, in pipeline order (always a prefix)."""
+    out = ["absent"]
+    for name in STATES[1:]:
+        if name not in STEPS:
+            break
+        out.append(name)
+    return out

@@ -1,0 +1,213 @@
+"""What every step shares: the context it works in, the verdict of its gate, what it renders."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from lab.config import ClusterConfig, LabConfig
+from lab.errors import GateTimeout
+from lab.kube import KubeClient, KubeError
+from lab.logs import Logger
+from lab.state import Record, StateStore
+from lab.tools import Tools
+
+Obj = dict[str, Any]
+
+
+@dataclass
+class Check:
+    """One condition of a readiness gate."""
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass
+class Verdict:
+    """A gate's structured answer: ready only when every named check holds."""
+
+    gate: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+    @property
+    def failing(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def add(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append(Check(name, ok, detail))
+        return ok
+
+    def explain(self) -> str:
+        if self.ready:
+            return f"{self.gate}: ready"
+        lines = [f"{c.name}: {c.detail}" if c.detail else c.name for c in self.failing]
+        return f"{self.gate}: not ready — " + "; ".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"gate": self.gate, "ready": self.ready,
+                "checks": [c.to_json() for c in self.checks]}
+
+
+@dataclass
+class HelmRelease:
+    release: str
+    chart: str  # repo/chart or oci:// reference
+    repo_name: str
+    repo_url: str
+    version: str
+    namespace: str
+    values: Obj
+
+    @property
+    def values_file(self) -> str:
+        return f"helm/{self.release}.values.yaml"
+
+
+@dataclass
+class Rendered:
+    """Everything a step would apply, without touching anything."""
+
+    files: dict[str, str] = field(default_factory=dict)  # relative path → text
+    helm: list[HelmRelease] = field(default_factory=list)
+    objects: list[Obj] = field(default_factory=list)  # applied on entering the state
+    commands: list[list[str]] = field(default_factory=list)  # for --dry-run
+
+
+@dataclass
+class Timeouts:
+    """Gate deadlines in seconds (real clusters on a 2-core laptop need minutes)."""
+
+    cluster: float = 300
+    cni: float = 600
+    gateway: float = 300
+    certs: float = 300
+    locked: float = 300
+    meshed: float = 600
+    poll_start: float = 0.5
+    poll_max: float = 10.0
+
+    @classmethod
+    def from_env(cls) -> Timeouts:
+        """``LAB_GATE_TIMEOUT`` (seconds) overrides every gate deadline."""
+        value = os.environ.get("LAB_GATE_TIMEOUT")
+        if not value:
+            return cls()
+        t = float(value)
+        return cls(cluster=t, cni=t, gateway=t, certs=t, locked=t, meshed=t,
+                   poll_start=min(0.5, t / 20), poll_max=min(10.0, max(t / 5, 0.1)))
+
+    def for_gate(self, name: str) -> float:
+        return float(getattr(self, name, 300))
+
+
+class StepContext:
+    """The shared context a step works in: one cluster of one lab."""
+
+    def __init__(self, lab: LabConfig, cluster: ClusterConfig, store: StateStore, record: Record,
+                 tools: Tools, log: Logger, timeouts: Timeouts | None = None,
+                 kubeconfig: str | None = None, dry_run: bool = False) -> None:
+        self.lab = lab
+        self.cluster = cluster
+        self.store = store
+        self.record = record
+        self.tools = tools
+        self.log = log
+        self.timeouts = timeouts or Timeouts()
+        self.kubeconfig = kubeconfig
+        self.dry_run = dry_run
+        self._kube: KubeClient | None = None
+
+    @property
+    def kube(self) -> KubeClient:
+        if self._kube is None:
+            self._kube = KubeClient(self.cluster.kube_context, self.kubeconfig)
+        return self._kube
+
+    def reset_kube(self) -> None:
+        """Drop the client (e.g. after the kubeconfig was re-exported)."""
+        if self._kube is not None:
+            self._kube.close()
+        self._kube = None
+
+    @property
+    def work_dir(self) -> Path:
+        return self.lab.state_dir / "work" / self.cluster.name
+
+    def write_file(self, relative: str, text: str, mode: int = 0o644) -> Path:
+        path = self.work_dir / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.chmod(mode)
+        tmp.replace(path)
+        return path
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        return self.record.facts
+
+    def wait_for(self, gate: Callable[[], Verdict], timeout: float, doing: str) -> Verdict:
+        """Poll a gate with exponential back-off until it holds or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        delay = self.timeouts.poll_start
+        last: Verdict | None = None
+        while True:
+            try:
+                last = gate()
+            except KubeError as exc:
+                last = Verdict(doing, [Check("api", False, exc.message)])
+            if last.ready:
+                return last
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GateTimeout(
+                    f"{doing} did not hold within {timeout:.0f}s — {last.explain()}",
+                    "look at the failing conditions above (`invoke lab.status` shows them too); "
+                    "when they clear, run `invoke lab.up --resume`")
+            self.log.debug("gate.waiting", gate=last.gate, failing=[c.name for c in last.failing])
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 1.6, self.timeouts.poll_max)
+
+
+class Step(Protocol):
+    """One transition of the pipeline. ``name`` is the state it leads to."""
+
+    name: str
+    title: str
+
+    def render(self, ctx: StepContext) -> Rendered:
+        """What the step applies. Pure: no cluster, no Docker."""
+        ...
+
+    def apply(self, ctx: StepContext) -> None:
+        """Make it so. Idempotent: re-running after success changes nothing."""
+        ...
+
+    def ready(self, ctx: StepContext) -> Verdict:
+        """The readiness gate: every condition named."""
+        ...
+
+    def probe(self, ctx: StepContext) -> Verdict:
+        """A cheap check that the step's effects still hold (for --resume)."""
+        ...
+
+
+def dump_yaml(docs: list[Obj] | Obj) -> str:
+    if isinstance(docs, list):
+        return yaml.safe_dump_all(docs, sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(docs, sort_keys=False, default_flow_style=False)

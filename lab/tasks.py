@@ -1,0 +1,176 @@
+"""The `lab` Invoke collection. Thin: parse options, call the runner, print, map errors to Exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from invoke import Collection, Context, Exit, task
+
+from lab import logs
+from lab.config import CONFIG_ENV, LabConfig, load_config
+from lab.errors import LabError
+
+T = TypeVar("T")
+
+CONFIG_HELP = f"lab config file (default: ${CONFIG_ENV} or config/lab.yaml)"
+LOG_HELP = "log format: json or console (default: console on a TTY, JSON otherwise)"
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Every user-facing failure ends in one message that says what to do next."""
+    try:
+        return fn()
+    except LabError as exc:
+        logs.get("lab").error("failed", error=exc.message.splitlines()[0])
+        raise Exit(f"✗ {exc}", code=1) from None
+    except KeyboardInterrupt:
+        raise Exit("✗ interrupted; run `invoke lab.up --resume` to continue", code=130) from None
+
+
+def _setup(config: str | None, log_format: str | None) -> LabConfig:
+    logs.configure(log_format)
+    return _guard(lambda: load_config(config))
+
+
+def _lab(cfg: LabConfig) -> Any:
+    from lab.runner import Lab  # imported on use: keeps `invoke --list` fast
+
+    return Lab(cfg, kubeconfig=os.environ.get("LAB_KUBECONFIG"))
+
+
+@task(help={
+    "config": CONFIG_HELP,
+    "to": "stop at this state: cluster, cni, gateway, certs, locked, meshed",
+    "resume": "trust the record: re-probe completed steps, step back on drift, continue",
+    "dry_run": "print the plan (steps, commands, objects) and change nothing",
+    "cluster": "only this cluster (repeatable; default: all)",
+    "log_format": LOG_HELP,
+}, iterable=["cluster"])
+def up(c: Context, config: str | None = None, to: str | None = None, resume: bool = False,
+       dry_run: bool = False, cluster: list[str] | None = None,
+       log_format: str | None = None) -> None:
+    """Bring the lab up (converges from wherever it is)."""
+    cfg = _setup(config, log_format)
+    lab = _lab(cfg)
+    if dry_run:
+        plan = _guard(lambda: lab.plan(to, resume))
+        _print_plan(plan)
+        return
+    from lab.ui import Progress
+
+    with Progress() as progress:
+        lab.progress = progress
+        _guard(lambda: lab.up(to, resume, cluster or None))
+    print(f"✓ lab is up ({', '.join(cl.name for cl in cfg.clusters)}); "
+          "`invoke lab.status` shows every gate")
+
+
+@task(help={
+    "config": CONFIG_HELP,
+    "cluster": "only this cluster (repeatable; default: every cluster of the lab)",
+    "log_format": LOG_HELP,
+}, iterable=["cluster"])
+def down(c: Context, config: str | None = None, cluster: list[str] | None = None,
+         log_format: str | None = None) -> None:
+    """Delete the lab's kind clusters and their records."""
+    cfg = _setup(config, log_format)
+    lab = _lab(cfg)
+    names = cluster or [cl.name for cl in cfg.clusters]
+    print(f"deleting kind cluster(s) {', '.join(names)} and their records under "
+          f"{cfg.state_dir}")
+    from lab.ui import Progress
+
+    with Progress() as progress:
+        lab.progress = progress
+        removed = _guard(lambda: lab.down(cluster or None))
+    print(f"✓ removed {', '.join(removed)}")
+
+
+@task(help={
+    "config": CONFIG_HELP,
+    "json": "machine-readable output",
+    "offline": "show the recorded verdicts without asking the clusters",
+    "log_format": LOG_HELP,
+})
+def status(c: Context, config: str | None = None, json_: bool = False, offline: bool = False,
+           log_format: str | None = None) -> None:
+    """Per cluster: state, each gate's verdict, per-step durations."""
+    cfg = _setup(config, log_format)
+    rows = _guard(lambda: _lab(cfg).status(live=not offline))
+    if json_:
+        print(json.dumps(rows, indent=2))
+        return
+    _print_status(rows)
+
+
+@task(help={
+    "config": CONFIG_HELP,
+    "out": "output directory (default: ./render)",
+    "log_format": LOG_HELP,
+})
+def render(c: Context, config: str | None = None, out: str = "render",
+           log_format: str | None = None) -> None:
+    """Write everything the lab would apply, without Docker or a cluster."""
+    cfg = _setup(config, log_format)
+    written = _guard(lambda: _lab(cfg).render(Path(out)))
+    for path in written:
+        print(path)
+
+
+# -- printing --------------------------------------------------------------------------------------
+
+def _print_plan(plan: list[dict[str, Any]]) -> None:
+    if not plan:
+        print("nothing to do: every cluster is at or past the target")
+    for item in plan:
+        print(f"{item['cluster']}: {item['step']} — {item['title']}")
+        for cmd in item["commands"]:
+            print(f"    $ {cmd}")
+        for h in item["helm"]:
+            print(f"    helm release {h}")
+        for o in item["objects"]:
+            print(f"    apply {o}")
+    print("(dry run: nothing was changed)")
+
+
+def _print_status(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(no_color="NO_COLOR" in os.environ or not sys.stdout.isatty())
+    for row in rows:
+        a = row["allocation"]
+        title = (f"{row['cluster']} — state [bold]{row['state']}[/bold]  "
+                 f"(id {a['id']}, pods {a['podCIDR']}, services {a['serviceCIDR']}, "
+                 f"pool {a['lbPool'] or 'derived at apply'}, "
+                 f"http {a['httpHostPort']}→{a['httpNodePort']}, "
+                 f"https {a['httpsHostPort']}→{a['httpsNodePort']}, "
+                 f"clustermesh {a['clustermeshNodePort']})")
+        table = Table(title=title, title_justify="left")
+        table.add_column("gate")
+        table.add_column("check")
+        table.add_column("ok")
+        table.add_column("detail")
+        table.add_column("took")
+        for gate, verdict in row["gates"].items():
+            took = row["durations"].get(gate)
+            for i, check in enumerate(verdict.get("checks", [])):
+                table.add_row(gate if i == 0 else "", check["name"],
+                              "✓" if check["ok"] else "✗", check.get("detail", ""),
+                              f"{took:.1f}s" if took is not None and i == 0 else "")
+        console.print(table)
+        if row.get("interrupted"):
+            console.print(f"  ! the `{row['interrupted']}` transition was interrupted; "
+                          "run `invoke lab.up --resume`")
+        if row.get("configDrift"):
+            console.print("  ! the config changed since the last `lab.up`; run it again")
+
+
+namespace = Collection("lab")
+for _t in (up, down, status, render):
+    namespace.add_task(_t)

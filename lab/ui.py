@@ -1,0 +1,90 @@
+"""Status lines: one per step, started and ended (✓/✗), spinner only on a TTY, NO_COLOR honoured.
+
+Several clusters may advance in parallel; on a TTY each gets its own live line, otherwise every
+start and end is a plain line of its own (CI logs stay readable).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+
+class Progress:
+    def __init__(self, stream: TextIO | None = None, live: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.color = self.live and "NO_COLOR" not in os.environ
+        self._lock = threading.Lock()
+        self._active: dict[str, tuple[str, float]] = {}
+        self._rich: Any = None
+        self._console: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._console = Console(file=self.stream, no_color=not self.color)
+            self._rich = Live(self._render(), console=self._console, refresh_per_second=8,
+                              transient=True)
+            self._rich.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._rich is not None:
+            self._rich.__exit__(None, None, None)
+            self._rich = None
+
+    def _render(self) -> Any:
+        from rich.spinner import Spinner
+        from rich.table import Table
+
+        table = Table.grid(padding=(0, 1))
+        for key, (title, started) in list(self._active.items()):
+            table.add_row(Spinner("dots"), f"{key}: {title}",
+                          f"[dim]{time.monotonic() - started:5.1f}s[/dim]")
+        return table
+
+    def _emit(self, line: str) -> None:
+        with self._lock:
+            if self._console is not None:
+                self._console.print(line, highlight=False)
+                if self._rich is not None:
+                    self._rich.update(self._render())
+            else:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+
+    @contextmanager
+    def step(self, key: str, title: str) -> Iterator[None]:
+        """Start line, then ✓ with the elapsed time, or ✗ and the exception propagates."""
+        started = time.monotonic()
+        with self._lock:
+            self._active[key] = (title, started)
+        if self._rich is not None:
+            self._rich.update(self._render())
+        else:
+            self._emit(f"• {key}: {title} …")
+        try:
+            yield
+        except BaseException:
+            self._finish(key, title, started, ok=False)
+            raise
+        self._finish(key, title, started, ok=True)
+
+    def _finish(self, key: str, title: str, started: float, ok: bool) -> None:
+        with self._lock:
+            self._active.pop(key, None)
+        mark = "✓" if ok else "✗"
+        if self.color:
+            mark = f"[green]{mark}[/green]" if ok else f"[red]{mark}[/red]"
+        self._emit(f"{mark} {key}: {title} ({time.monotonic() - started:.1f}s)")
+
+    def note(self, line: str) -> None:
+        self._emit(line)

@@ -1,0 +1,8 @@
+"""Invoke entry point: `invoke --list`. Every task lives in the `lab` collection (lab/tasks.py)."""
+
+from invoke import Collection
+
+from lab.tasks import namespace as lab
+
+ns = Collection()
+ns.add_collection(lab)
