@@ -179,10 +179,12 @@ class _Reader:
         # bool is an int in Python; a port of `true` is a type error, not 1.
         if isinstance(value, bool) and kind is not bool and bool not in (
                 kind if isinstance(kind, tuple) else (kind,)):
-            self.problem(path, f"must be {_type_name(kind)}, got a boolean")
+            self.problem(path, f"must be {_type_name(kind)}, got a boolean",
+                         f"write {_type_name(kind)}")
             return default
         if not isinstance(value, kind):
-            self.problem(path, f"must be {_type_name(kind)}, got {type(value).__name__} {value!r}")
+            self.problem(path, f"must be {_type_name(kind)}, got {type(value).__name__} {value!r}",
+                         f"write {_type_name(kind)}")
             return default
         return value
 

@@ -271,6 +271,11 @@ class KubeClient:
         except NotFound:
             return False
 
+    def exec(self, namespace: str, pod: str, command: list[str], container: str | None = None,
+             timeout: float = 30.0) -> ExecResult:
+        """Run a command in a pod (the API's exec subresource over a websocket)."""
+        return _exec(self, namespace, pod, command, container, timeout)
+
     def watch(self, api_version: str, kind: str, namespace: str | None = None,
               label_selector: str | None = None, field_selector: str | None = None,
               timeout_seconds: int = 30, resource_version: str | None = None,
@@ -298,6 +303,38 @@ class KubeClient:
                         yield event["type"], event["object"]
         finally:
             resp.release_conn()
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
+          container: str | None, timeout: float) -> ExecResult:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.stream import stream
+
+    doing = f"running {command[0]} in {namespace}/{pod}"
+    kwargs: dict[str, Any] = {"command": command, "stdout": True, "stderr": True,
+                              "stdin": False, "tty": False, "_preload_content": False}
+    if container:
+        kwargs["container"] = container
+    try:
+        resp = stream(CoreV1Api(client.api).connect_get_namespaced_pod_exec, pod, namespace,
+                      **kwargs)
+        resp.run_forever(timeout=timeout)
+        out, err = resp.read_stdout() or "", resp.read_stderr() or ""
+        rc = resp.returncode
+        resp.close()
+    except ApiException as exc:
+        raise _map_api_exception(exc, doing) from exc
+    except Exception as exc:  # websocket errors carry no common base class
+        raise Unreachable(f"{doing}: {exc}", "is the pod running?") from exc
+    return ExecResult(rc if rc is not None else -1, out, err)
 
 
 def _ref(namespace: str | None, name: str) -> str:

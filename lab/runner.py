@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lab import logs
+from lab import ca, logs
 from lab.config import ClusterConfig, LabConfig
 from lab.errors import LabError
 from lab.pipeline import ClusterPipeline
@@ -71,6 +71,8 @@ class Lab:
         chosen = [self.cfg.cluster(n) for n in clusters] if clusters else list(self.cfg.clusters)
         before_mesh = "locked" if target == "meshed" else target
         before_mesh = min(before_mesh, implemented_states()[-1], key=STATES.index)
+        if STATES.index(target) >= STATES.index("cni"):
+            ca.load_or_create(self.cfg.state_dir)  # once, before clusters run in parallel
         self._parallel(chosen, lambda c: self._up_cluster(c, before_mesh, resume))
         if target == "meshed":
             self._parallel(chosen, lambda c: self._up_cluster(c, "meshed", resume))

@@ -5,9 +5,11 @@ from __future__ import annotations
 from lab.state import STATES
 from lab.steps.base import Step
 from lab.steps.cluster import ClusterStep
+from lab.steps.cni import CniStep
 
 STEPS: dict[str, Step] = {
     "cluster": ClusterStep(),
+    "cni": CniStep(),
 }
 
 

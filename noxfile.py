@@ -1,0 +1,73 @@
+"""nox sessions: `nox` runs lint, typecheck and tests; `nox -s e2e` drives real kind clusters."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit and offline integration tests (API emulator + fake kind/helm/docker); no Docker."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff, and the GitHub workflows against their JSON schema (offline, bundled schema)."""
+    session.install("ruff", "check-jsonschema")
+    session.run("ruff", "check", ".")
+    workflows = sorted(str(p) for p in __import__("pathlib").Path(".github/workflows").glob("*.yml"))
+    if workflows:
+        session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over lab/, tasks.py and this file."""
+    session.install("-e", ".[dev]")
+    session.run("mypy", "--strict")
+
+
+@nox.session(default=False)
+def e2e(session: nox.Session) -> None:
+    """Real clusters (Docker + internet). Skips with one line where no Docker daemon answers.
+
+    `nox -s e2e` brings the single-cluster lab up; `nox -s e2e -- --mesh` the two-cluster mesh;
+    anything else after `--` goes to pytest (e.g. `-- -k gateway`).
+    """
+    reason = _docker_unreachable()
+    if reason:
+        session.skip(f"e2e skipped: no Docker daemon reachable ({reason}); it needs real kind "
+                     "clusters, run it where Docker and the internet are available")
+    session.install("-e", ".[test]")
+    session.run("pytest", "-m", "e2e", "-p", "no:cacheprovider", "tests/e2e", *session.posargs)
+
+
+def _docker_unreachable() -> str:
+    """Empty when `docker info` answers; otherwise why not."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("docker"):
+        return "the docker CLI is not installed"
+    try:
+        proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+                              capture_output=True, text=True, timeout=20, check=False)
+    except subprocess.TimeoutExpired:
+        return "`docker info` timed out"
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["`docker info` failed"])[-1]
+    return ""
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Print wall-time figures: `invoke --list`, a converged `lab.up --resume` (emulator)."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "tests.bench", *session.posargs)
