@@ -164,8 +164,10 @@ class KubeClient:
                 "`invoke lab.up --resume` to let the lab re-detect and repair it") from exc
         if not 200 <= resp.status <= 299:
             resp.read()
-            raise _map_api_exception(ApiException.from_response(http_resp=resp, body=None,
-                                                                 data=None), doing)
+            try:
+                ApiException.from_response(http_resp=resp, body=None, data=None)  # raises
+            except ApiException as exc:
+                raise _map_api_exception(exc, doing) from exc
         if stream:
             return resp.response
         raw = resp.read()

@@ -33,11 +33,14 @@ class ClusterPipeline:
         self._current: Transition | None = None
         self._started = 0.0
         self.machine = Machine(
-            model=self, states=list(STATES), initial=ctx.record.state, auto_transitions=True,
+            model=self, states=list(STATES), initial=STATES[0], auto_transitions=True,
             send_event=True, after_state_change="_persist",
         )
+        # Ordered transitions are laid out from the initial state, so build from `absent` and
+        # only then move to where the record says the cluster is.
         self.machine.add_ordered_transitions(
             list(STATES), trigger="advance", loop=False, prepare="_begin", before="_enter")
+        self.machine.set_state(ctx.record.state)
 
     # -- callbacks --------------------------------------------------------------------------------
 

@@ -1,0 +1,148 @@
+"""Shared fixtures: a lab wired to the API emulator and the fake kind/helm/docker on PATH.
+
+The fakes live in tests/fakes/bin and are put on PATH for the subprocesses the tests start; the
+product code under lab/ runs unchanged against them and against a real HTTP API server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.emulator import KubeEmulator
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_BIN = REPO / "tests" / "fakes" / "bin"
+
+
+def upstream_dir() -> Path:
+    return Path(os.environ.get("LAB_UPSTREAM_DIR", REPO.parent / "shared" / "upstream"))
+
+
+@dataclass
+class LabEnv:
+    """One lab in a temp dir: config, state, fakes' state, kubeconfig, emulators per cluster."""
+
+    root: Path
+    config: Path
+    fake_state: Path
+    kubeconfig: Path
+    emulators: dict[str, KubeEmulator]
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / ".lab"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PATH": f"{FAKE_BIN}{os.pathsep}{env.get('PATH', '')}",
+            "LAB_FAKE_STATE": str(self.fake_state),
+            "KUBECONFIG": str(self.kubeconfig),
+            "LAB_CONFIG": str(self.config),
+            "LAB_GATE_TIMEOUT": "6",
+            "LAB_LOG_FORMAT": "json",
+            "LAB_SKIP_DOCTOR": "1",
+            "PYTHONPATH": str(REPO),
+            "NO_COLOR": "1",
+        })
+        env.update(extra)
+        return env
+
+    def command(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "invoke", "--search-root", str(REPO), *args]
+
+    def run(self, *args: str, check: bool = True, timeout: float = 90,
+            **extra_env: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(self.command(*args), cwd=self.root, env=self.env(**extra_env),
+                              capture_output=True, text=True, timeout=timeout, check=False)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+                                 f"stderr:\n{proc.stderr[-4000:]}")
+        return proc
+
+    def start(self, *args: str, **extra_env: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.command(*args), cwd=self.root, env=self.env(**extra_env),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    def calls(self, tool: str | None = None, sub: str | None = None) -> list[list[str]]:
+        path = self.fake_state / "calls.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            call = json.loads(line)
+            argv = call["argv"]
+            if tool and call["tool"] != tool:
+                continue
+            if sub and (not argv or argv[0] != sub):
+                continue
+            out.append(argv)
+        return out
+
+    def wait_for_call(self, tool: str, words: list[str], timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(all(w in argv for w in words) for argv in self.calls(tool)):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"{tool} {words} was never called: {self.calls(tool)}")
+
+    def record(self, cluster: str = "lab") -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(
+            (self.state_dir / "clusters" / f"{cluster}.json").read_text())
+        return data
+
+    @staticmethod
+    def kill(proc: subprocess.Popen[str]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def write_config(path: Path, clusters: list[dict[str, Any]] | None = None,
+                 **top: Any) -> Path:
+    raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
+    raw["stateDir"] = str(path.parent / ".lab")
+    if clusters is not None:
+        raw["clusters"] = clusters
+    raw.update(top)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def ready_node(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "status": {"conditions": [{"type": "Ready", "status": "False",
+                                       "reason": "KubeletNotReady",
+                                       "message": "container runtime network not ready: "
+                                                  "cni plugin not initialized"}]}}
+
+
+@pytest.fixture
+def lab_env(tmp_path: Path) -> Iterator[LabEnv]:
+    """The shipped single-cluster lab against one emulator; nodes registered, not Ready (no CNI)."""
+    fake_state = tmp_path / "fake"
+    fake_state.mkdir()
+    emu = KubeEmulator().start()
+    try:
+        emu.put(ready_node("lab-control-plane"))
+        (fake_state / "apiservers.json").write_text(json.dumps({"lab": emu.url}))
+        env = LabEnv(root=tmp_path, config=write_config(tmp_path / "lab.yaml"),
+                     fake_state=fake_state, kubeconfig=tmp_path / "kubeconfig",
+                     emulators={"lab": emu})
+        yield env
+    finally:
+        emu.stop()
