@@ -278,6 +278,16 @@ class KubeClient:
         """Run a command in a pod (the API's exec subresource over a websocket)."""
         return _exec(self, namespace, pod, command, container, timeout)
 
+    def exec_stream(self, namespace: str, pod: str, command: list[str],
+                    container: str | None = None) -> Iterator[str]:
+        """Run a command in a pod and yield its output as it arrives (e.g. a followed log)."""
+        return _exec_stream(self, namespace, pod, command, container)
+
+    def port_forward(self, namespace: str, pod: str, remote_port: int, local_port: int,
+                     stop: threading.Event, address: str = "127.0.0.1") -> None:
+        """Serve address:local_port → pod:remote_port until ``stop`` is set (blocks)."""
+        _port_forward(self, namespace, pod, remote_port, local_port, address, stop)
+
     def watch(self, api_version: str, kind: str, namespace: str | None = None,
               label_selector: str | None = None, field_selector: str | None = None,
               timeout_seconds: int = 30, resource_version: str | None = None,
@@ -337,6 +347,78 @@ def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
     except Exception as exc:  # websocket errors carry no common base class
         raise Unreachable(f"{doing}: {exc}", "is the pod running?") from exc
     return ExecResult(rc if rc is not None else -1, out, err)
+
+
+def _exec_stream(client: KubeClient, namespace: str, pod: str, command: list[str],
+                 container: str | None) -> Iterator[str]:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.stream import stream
+
+    kwargs: dict[str, Any] = {"command": command, "stdout": True, "stderr": True,
+                              "stdin": False, "tty": False, "_preload_content": False}
+    if container:
+        kwargs["container"] = container
+    try:
+        resp = stream(CoreV1Api(client.api).connect_get_namespaced_pod_exec, pod, namespace,
+                      **kwargs)
+    except ApiException as exc:
+        raise _map_api_exception(exc, f"running {command[0]} in {namespace}/{pod}") from exc
+    try:
+        while resp.is_open():
+            resp.update(timeout=1)
+            if resp.peek_stdout():
+                yield resp.read_stdout()
+            if resp.peek_stderr():
+                yield resp.read_stderr()
+    finally:
+        resp.close()
+
+
+def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int,
+                  local_port: int, address: str, stop: threading.Event) -> None:
+    """Accept on address:local_port; relay each connection through the API's portforward."""
+    import select
+    import socket
+
+    from kubernetes.client import CoreV1Api
+    from kubernetes.stream import portforward
+
+    def relay(conn: socket.socket) -> None:
+        pf = portforward(CoreV1Api(client.api).connect_get_namespaced_pod_portforward,
+                         pod, namespace, ports=str(remote_port))
+        remote = pf.socket(remote_port)
+        remote.setblocking(True)
+        try:
+            while not stop.is_set():
+                readable, _, _ = select.select([conn, remote], [], [], 0.5)
+                if conn in readable:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    remote.sendall(data)
+                if remote in readable:
+                    data = remote.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+        finally:
+            conn.close()
+            remote.close()
+
+    try:
+        server = socket.create_server((address, local_port))
+    except OSError as exc:
+        raise LabError(f"cannot listen on {address}:{local_port} ({exc.strerror})",
+                       "pick another local port with --port") from exc
+    server.settimeout(0.5)
+    with server:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=relay, args=(conn,), daemon=True).start()
 
 
 def _ref(namespace: str | None, name: str) -> str:

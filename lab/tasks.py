@@ -171,6 +171,49 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
             console.print("  ! the config changed since the last `lab.up`; run it again")
 
 
+@task(help={
+    "config": CONFIG_HELP,
+    "cluster": "which cluster (default: the first)",
+    "observe": "stream flows through hubble-relay instead of opening the UI",
+    "verdict": "with --observe: only flows with this verdict (e.g. DROPPED, FORWARDED)",
+    "namespace": "with --observe: only flows to or from this namespace",
+    "pod": "with --observe: only flows to or from this pod ([namespace/]name prefix)",
+    "last": "with --observe: start with the last N flows",
+    "no_follow": "with --observe: print what is there and stop",
+    "output": "with --observe: compact, dict, json or table",
+    "port": "local port for the UI (default 12000)",
+    "log_format": LOG_HELP,
+})
+def hubble(c: Context, config: str | None = None, cluster: str | None = None,
+           observe: bool = False, verdict: str | None = None, namespace: str | None = None,
+           pod: str | None = None, last: int | None = None, no_follow: bool = False,
+           output: str = "compact", port: int = 12000, log_format: str | None = None) -> None:
+    """Open the Hubble UI (port-forward), or stream flows cluster-wide with --observe."""
+    import threading
+
+    from lab import hubble as hub
+    from lab.kube import KubeClient
+
+    cfg = _setup(config, log_format)
+    target = _guard(lambda: cfg.cluster(cluster) if cluster else cfg.clusters[0])
+    kube = KubeClient(target.kube_context, os.environ.get("LAB_KUBECONFIG"))
+    if observe:
+        flt = hub.ObserveFilter(verdict=verdict, namespace=namespace, pod=pod,
+                                follow=not no_follow, last=last, output=output)
+        _guard(flt.validate)
+        for chunk in _guard(lambda: hub.observe(kube, flt)):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+        return
+    ui = _guard(lambda: hub.ready_pod(kube, "kube-system", "k8s-app=hubble-ui", "hubble-ui"))
+    stop = threading.Event()
+    print(f"Hubble UI for {target.name}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    try:
+        _guard(lambda: kube.port_forward("kube-system", ui, hub.UI_PORT, port, stop))
+    except KeyboardInterrupt:
+        stop.set()
+
+
 namespace = Collection("lab")
-for _t in (up, down, status, render):
+for _t in (up, down, status, render, hubble):
     namespace.add_task(_t)
