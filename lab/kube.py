@@ -148,7 +148,10 @@ class KubeClient:
 
         api = self.api
         headers = {"Accept": "application/json", "Content-Type": content_type}
-        payload = body if body is None or isinstance(body, str) else json.dumps(body)
+        # JSON bodies go as Python objects (the client encodes them once); an apply patch goes as
+        # a JSON string, which the client sends untouched under the YAML content type.
+        payload = json.dumps(body) if content_type.endswith("+yaml") and body is not None \
+            and not isinstance(body, str) else body
         req = api.param_serialize(method, path, query_params=query or [], header_params=headers,
                                   body=payload, auth_settings=["BearerToken"])
         read_timeout = timeout if timeout is not None else self.request_timeout

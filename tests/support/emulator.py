@@ -1,0 +1,1574 @@
+"""An in-process Kubernetes API server emulator for tests.
+
+``KubeEmulator`` serves a small but faithful part of the Kubernetes REST API over plain HTTP on
+127.0.0.1 (a random free port), from a ``ThreadingHTTPServer`` in a daemon thread. The real
+``kubernetes`` client talks to it unchanged: typed APIs, ``DynamicClient`` (discovery included),
+``watch.Watch`` and raw ``ApiClient.call_api``. State lives in memory::
+
+    with KubeEmulator() as emu:
+        emu.write_kubeconfig(tmp_path / "kubeconfig", context="kind-lab")
+        api = kubernetes.config.new_client_from_config(str(tmp_path / "kubeconfig"), "kind-lab")
+
+Served: discovery (/version, /api, /apis, group versions), get/list/watch/create/update/patch/
+delete/deletecollection on built-in kinds (see ``BUILTIN_RESOURCES``) and on kinds defined by
+CustomResourceDefinitions (created through the API, ``put`` or ``load_crds``), the ``status``
+subresource, label and field selectors, merge/strategic/JSON patches and server-side apply with
+per-manager field ownership, metadata.finalizers, and ``Status`` error bodies.
+
+Not served: authentication/authorization (any token is accepted), schema validation, defaulting
+and pruning, conversion between CRD versions (the stored object is served under every version),
+admission webhooks, owner-reference garbage collection, ``scale``/``log``/``exec`` subresources,
+Table output, protobuf/CBOR, and apply conflicts with ``Update`` managers.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import random
+import re
+import select
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import yaml
+
+__all__ = [
+    "BUILTIN_RESOURCES",
+    "ApiError",
+    "KubeEmulator",
+    "RecordedRequest",
+    "ResourceType",
+    "WriteCallback",
+]
+
+JSON = dict[str, Any]
+JSONList = list[JSON]
+FieldPath = tuple[str, ...]
+WriteCallback = Callable[[str, JSON], None]
+"""Called as ``callback(verb, obj)``; verb is "create", "update", "patch" or "delete"."""
+
+log = logging.getLogger(__name__)
+
+ALL_VERBS = ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
+SUBRESOURCE_VERBS = ("get", "patch", "update")
+MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+CT_JSON_PATCH = "application/json-patch+json"
+CT_MERGE_PATCH = "application/merge-patch+json"
+CT_STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+CT_APPLY_PATCH = "application/apply-patch+yaml"
+CRD_KEY = ("apiextensions.k8s.io", "customresourcedefinitions")
+NAMESPACE_KEY = ("", "namespaces")
+DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+# metadata fields that identify an object or are owned by the server, never by an applier
+SERVER_METADATA = frozenset({
+    "name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
+    "deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink", "generateName",
+})
+# strategic merge: list fields merged item by item, with the candidate merge keys
+STRATEGIC_MERGE_KEYS: dict[str, tuple[str, ...]] = {
+    "containers": ("name",), "initContainers": ("name",), "ephemeralContainers": ("name",),
+    "env": ("name",), "volumes": ("name",), "volumeMounts": ("mountPath",),
+    "imagePullSecrets": ("name",), "conditions": ("type",),
+    "ports": ("containerPort", "port", "name"),
+}
+
+
+# -- resource types -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ResourceType:
+    """One served resource: a group/version/plural, as discovery lists it."""
+
+    group: str
+    version: str
+    kind: str
+    plural: str
+    namespaced: bool
+    short_names: tuple[str, ...] = ()
+    status_subresource: bool = False
+    returns_deleted_object: bool = False  # DELETE answers with the object instead of a Status
+    custom: bool = False  # defined by a CustomResourceDefinition
+    singular: str = ""
+    categories: tuple[str, ...] = ()
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def group_resource(self) -> str:
+        """How error messages name the resource: "pods", "gateways.gateway.networking.k8s.io"."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    @property
+    def storage_key(self) -> tuple[str, str]:
+        """Objects are stored once per group+plural, whatever version they are served under."""
+        return (self.group, self.plural)
+
+    def discovery_entries(self) -> JSONList:
+        entry: JSON = {
+            "name": self.plural, "singularName": self.singular or self.kind.lower(),
+            "namespaced": self.namespaced, "kind": self.kind, "verbs": list(ALL_VERBS),
+        }
+        if self.short_names:
+            entry["shortNames"] = list(self.short_names)
+        if self.categories:
+            entry["categories"] = list(self.categories)
+        entries = [entry]
+        if self.status_subresource:
+            entries.append({"name": f"{self.plural}/status", "singularName": "",
+                            "namespaced": self.namespaced, "kind": self.kind,
+                            "verbs": list(SUBRESOURCE_VERBS)})
+        return entries
+
+
+def _builtin(api_version: str, kind: str, plural: str, namespaced: bool,
+             short_names: tuple[str, ...] = (), *, status: bool = False,
+             returns_object: bool = False, singular: str = "",
+             categories: tuple[str, ...] = ()) -> ResourceType:
+    group, _, version = api_version.rpartition("/")
+    return ResourceType(group, version, kind, plural, namespaced, short_names,
+                        status_subresource=status, returns_deleted_object=returns_object,
+                        singular=singular or kind.lower(), categories=categories)
+
+
+BUILTIN_RESOURCES: tuple[ResourceType, ...] = (
+    _builtin("v1", "Namespace", "namespaces", False, ("ns",), status=True, returns_object=True),
+    _builtin("v1", "Node", "nodes", False, ("no",), status=True),
+    _builtin("v1", "Pod", "pods", True, ("po",), status=True, returns_object=True,
+             categories=("all",)),
+    _builtin("v1", "Service", "services", True, ("svc",), status=True, returns_object=True,
+             categories=("all",)),
+    _builtin("v1", "ConfigMap", "configmaps", True, ("cm",)),
+    _builtin("v1", "Secret", "secrets", True),
+    _builtin("v1", "ServiceAccount", "serviceaccounts", True, ("sa",), returns_object=True),
+    _builtin("v1", "Event", "events", True, ("ev",)),
+    _builtin("v1", "Endpoints", "endpoints", True, ("ep",), singular="endpoints"),
+    _builtin("apps/v1", "Deployment", "deployments", True, ("deploy",), status=True,
+             categories=("all",)),
+    _builtin("apps/v1", "DaemonSet", "daemonsets", True, ("ds",), status=True,
+             categories=("all",)),
+    _builtin("apps/v1", "StatefulSet", "statefulsets", True, ("sts",), status=True,
+             categories=("all",)),
+    _builtin("apps/v1", "ReplicaSet", "replicasets", True, ("rs",), status=True,
+             categories=("all",)),
+    _builtin("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions",
+             False, ("crd", "crds"), status=True),
+    _builtin("coordination.k8s.io/v1", "Lease", "leases", True),
+    _builtin("rbac.authorization.k8s.io/v1", "Role", "roles", True),
+    _builtin("rbac.authorization.k8s.io/v1", "RoleBinding", "rolebindings", True),
+    _builtin("rbac.authorization.k8s.io/v1", "ClusterRole", "clusterroles", False),
+    _builtin("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "clusterrolebindings", False),
+    _builtin("admissionregistration.k8s.io/v1", "ValidatingWebhookConfiguration",
+             "validatingwebhookconfigurations", False),
+    _builtin("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration",
+             "mutatingwebhookconfigurations", False),
+    _builtin("discovery.k8s.io/v1", "EndpointSlice", "endpointslices", True),
+)
+
+
+def _types_from_crd(crd: JSON) -> list[ResourceType]:
+    """The resource types a CustomResourceDefinition serves. Raises ValueError if malformed."""
+    spec = crd.get("spec") or {}
+    names = spec.get("names") or {}
+    group, kind, plural = spec.get("group"), names.get("kind"), names.get("plural")
+    if not (group and kind and plural):
+        raise ValueError("spec.group, spec.names.kind and spec.names.plural are required")
+    if crd.get("metadata", {}).get("name") != f"{plural}.{group}":
+        raise ValueError(f"metadata.name must be spec.names.plural+\".\"+spec.group "
+                         f"({plural}.{group})")
+    types = []
+    for version in spec.get("versions") or []:
+        if not version.get("served", True):
+            continue
+        subresources = version.get("subresources") or spec.get("subresources") or {}
+        types.append(ResourceType(
+            group, str(version["name"]), kind, plural, spec.get("scope") != "Cluster",
+            tuple(names.get("shortNames") or ()), status_subresource="status" in subresources,
+            returns_deleted_object=True, custom=True, singular=names.get("singular") or "",
+            categories=tuple(names.get("categories") or ())))
+    return types
+
+
+_KUBE_VERSION = re.compile(r"^v(\d+)(?:(alpha|beta)(\d+))?$")
+
+
+def _version_priority(version: str) -> tuple[int, int, int, str]:
+    """Sort key putting versions in Kubernetes priority order: v2, v1, v1beta2, v1alpha1, other."""
+    match = _KUBE_VERSION.match(version)
+    if not match:
+        return (3, 0, 0, version)
+    stage = {None: 0, "beta": 1, "alpha": 2}[match.group(2)]
+    return (stage, -int(match.group(1)), -int(match.group(3) or 0), "")
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error answered to the client as a ``Status`` body."""
+
+    def __init__(self, code: int, reason: str, message: str,
+                 details: JSON | None = None) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message, self.details = code, reason, message, details
+
+    def status(self) -> JSON:
+        body: JSON = {"kind": "Status", "apiVersion": "v1", "metadata": {},
+                      "status": "Failure", "message": self.message, "reason": self.reason,
+                      "code": self.code}
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+def _details(rt: ResourceType, name: str) -> JSON:
+    details: JSON = {"name": name, "kind": rt.plural}
+    if rt.group:
+        details["group"] = rt.group
+    return details
+
+
+def _not_found(rt: ResourceType, name: str) -> ApiError:
+    return ApiError(404, "NotFound", f'{rt.group_resource} "{name}" not found', _details(rt, name))
+
+
+def _path_not_found() -> ApiError:
+    return ApiError(404, "NotFound", "the server could not find the requested resource", {})
+
+
+def _bad_request(message: str) -> ApiError:
+    return ApiError(400, "BadRequest", message)
+
+
+def _invalid(rt: ResourceType, name: str, message: str) -> ApiError:
+    return ApiError(422, "Invalid", f'{rt.kind} "{name}" is invalid: {message}',
+                    _details(rt, name))
+
+
+def _conflict(rt: ResourceType, name: str, why: str) -> ApiError:
+    return ApiError(409, "Conflict", f'Operation cannot be fulfilled on {rt.group_resource} '
+                                     f'"{name}": {why}', _details(rt, name))
+
+
+STALE = ("the object has been modified; please apply your changes to the latest version and "
+         "try again")
+
+
+# -- small helpers --------------------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_body(raw: bytes) -> Any:
+    """JSON, or YAML (apply bodies may be either)."""
+    if not raw.strip():
+        raise _bad_request("the request body is empty")
+    try:
+        return json.loads(raw)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise _bad_request(f"the request body is neither JSON nor YAML: {exc}") from exc
+
+
+def _spec_content(obj: JSON) -> JSON:
+    """What counts for metadata.generation: everything but metadata, status and type info."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+
+
+# -- selectors ------------------------------------------------------------------------------------
+
+class Requirement(NamedTuple):
+    key: str
+    op: str  # "=", "!=", "in", "notin", "exists", "!"
+    values: frozenset[str]
+
+
+_SEL_KEY = r"[A-Za-z0-9][-A-Za-z0-9_./]*"
+_SEL_SET = re.compile(rf"^({_SEL_KEY})\s+(in|notin)\s+\(([^)]*)\)$")
+_SEL_CMP = re.compile(rf"^({_SEL_KEY})\s*(==|=|!=)\s*([-A-Za-z0-9_.]*)$")
+_FIELD_CMP = re.compile(rf"^({_SEL_KEY})\s*(==|=|!=)\s*([^,]*)$")
+_SEL_EXISTS = re.compile(rf"^(!?)\s*({_SEL_KEY})$")
+
+
+def _split_terms(selector: str) -> list[str]:
+    """Split on commas that are not inside "( )"."""
+    terms, depth, current = [], 0, ""
+    for char in selector:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            terms.append(current)
+            current = ""
+        else:
+            current += char
+    terms.append(current)
+    return [t.strip() for t in terms if t.strip()]
+
+
+def parse_selector(selector: str, *, fields: bool = False) -> list[Requirement]:
+    """Parse a label selector (or, with ``fields``, a field selector). Raises ApiError 400."""
+    requirements = []
+    for term in _split_terms(selector):
+        if match := (_FIELD_CMP if fields else _SEL_CMP).match(term):
+            op = "!=" if match.group(2) == "!=" else "="
+            requirements.append(Requirement(match.group(1), op, frozenset({match.group(3)})))
+        elif not fields and (match := _SEL_SET.match(term)):
+            values = frozenset(v.strip() for v in match.group(3).split(",") if v.strip())
+            requirements.append(Requirement(match.group(1), match.group(2), values))
+        elif not fields and (match := _SEL_EXISTS.match(term)):
+            requirements.append(Requirement(match.group(2), "!" if match.group(1) else "exists",
+                                            frozenset()))
+        else:
+            kind = "field" if fields else "label"
+            raise _bad_request(f"unable to parse requirement: invalid {kind} selector {term!r}")
+    return requirements
+
+
+def _matches_labels(labels: dict[str, str], requirements: list[Requirement]) -> bool:
+    for key, op, values in requirements:
+        value = labels.get(key)
+        ok = {
+            "=": value is not None and value in values,
+            "!=": value is None or value not in values,
+            "in": value is not None and value in values,
+            "notin": value is None or value not in values,
+            "exists": value is not None,
+            "!": value is None,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _field_value(obj: JSON, path: str) -> str:
+    current: Any = obj
+    for part in path.split("."):
+        current = current.get(part) if isinstance(current, dict) else None
+    if isinstance(current, bool):
+        return "true" if current else "false"
+    return "" if current is None else str(current)
+
+
+def _matches_fields(obj: JSON, requirements: list[Requirement]) -> bool:
+    for key, op, values in requirements:
+        if (_field_value(obj, key) in values) != (op == "="):
+            return False
+    return True
+
+
+# -- patches --------------------------------------------------------------------------------------
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch. Returns a new value; inputs are not modified."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def strategic_merge_patch(target: Any, patch: Any) -> Any:
+    """A JSON merge patch, except that lists of maps under the keys in ``STRATEGIC_MERGE_KEYS``
+    are merged item by item (``$patch: delete`` removes an item); other ``$`` directives are
+    ignored."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if not k.startswith("$")}
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if key.startswith("$"):
+            continue
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, list) and key in STRATEGIC_MERGE_KEYS:
+            result[key] = _merge_list(result.get(key), value, STRATEGIC_MERGE_KEYS[key])
+        else:
+            result[key] = strategic_merge_patch(result.get(key), value)
+    return result
+
+
+def _merge_list(current: Any, patch: list[Any], candidates: tuple[str, ...]) -> list[Any]:
+    items = [i for i in patch if isinstance(i, dict)]
+    merge_key = next((k for k in candidates if items and all(k in i for i in items)), None)
+    if merge_key is None or len(items) != len(patch) or not isinstance(current, list):
+        return [i for i in copy.deepcopy(patch) if not (isinstance(i, dict) and "$patch" in i)]
+    result: list[Any] = copy.deepcopy(current)
+    for item in items:
+        index = next((n for n, old in enumerate(result)
+                      if isinstance(old, dict) and old.get(merge_key) == item[merge_key]), None)
+        if item.get("$patch") == "delete":
+            if index is not None:
+                del result[index]
+        elif index is None:
+            result.append(strategic_merge_patch({}, item))
+        else:
+            result[index] = strategic_merge_patch(result[index], item)
+    return result
+
+
+class PatchError(ValueError):
+    pass
+
+
+def _pointer(path: Any) -> list[str]:
+    if not isinstance(path, str) or (path and not path.startswith("/")):
+        raise PatchError(f"invalid JSON pointer {path!r}")
+    return [t.replace("~1", "/").replace("~0", "~") for t in path.split("/")[1:]]
+
+
+def _walk(doc: Any, tokens: list[str]) -> Any:
+    for token in tokens:
+        if isinstance(doc, dict) and token in doc:
+            doc = doc[token]
+        elif isinstance(doc, list) and token.isdigit() and int(token) < len(doc):
+            doc = doc[int(token)]
+        else:
+            raise PatchError(f"path /{'/'.join(tokens)} does not exist")
+    return doc
+
+
+def _pointer_add(doc: Any, tokens: list[str], value: Any) -> Any:
+    if not tokens:
+        return value
+    parent, last = _walk(doc, tokens[:-1]), tokens[-1]
+    if isinstance(parent, dict):
+        parent[last] = value
+    elif isinstance(parent, list) and (last == "-" or (last.isdigit() and
+                                                        int(last) <= len(parent))):
+        parent.insert(len(parent) if last == "-" else int(last), value)
+    else:
+        raise PatchError(f"cannot add at /{'/'.join(tokens)}")
+    return doc
+
+
+def _pointer_remove(doc: Any, tokens: list[str]) -> Any:
+    if not tokens:
+        raise PatchError("cannot remove the whole document")
+    _walk(doc, tokens)  # raises when absent
+    parent, last = _walk(doc, tokens[:-1]), tokens[-1]
+    return parent.pop(int(last) if isinstance(parent, list) else last)
+
+
+def json_patch(doc: Any, operations: Any) -> Any:
+    """RFC 6902 JSON patch (add, remove, replace, move, copy, test). ``doc`` is modified."""
+    if not isinstance(operations, list):
+        raise PatchError("a JSON patch must be a list of operations")
+    for op in operations:
+        if not isinstance(op, dict) or "path" not in op:
+            raise PatchError(f"invalid operation {op!r}")
+        name, tokens = op.get("op"), _pointer(op["path"])
+        if name in ("add", "replace", "test") and "value" not in op:
+            raise PatchError(f"operation {name} needs a value")
+        if name == "add":
+            doc = _pointer_add(doc, tokens, copy.deepcopy(op["value"]))
+        elif name == "remove":
+            _pointer_remove(doc, tokens)
+        elif name == "replace":
+            if tokens:
+                _pointer_remove(doc, tokens)
+            doc = _pointer_add(doc, tokens, copy.deepcopy(op["value"]))
+        elif name in ("move", "copy"):
+            source = _pointer(op.get("from"))
+            value = (_pointer_remove(doc, source) if name == "move"
+                     else copy.deepcopy(_walk(doc, source)))
+            doc = _pointer_add(doc, tokens, value)
+        elif name == "test":
+            if _walk(doc, tokens) != op["value"]:
+                raise PatchError(f"test operation failed at {op['path']}")
+        else:
+            raise PatchError(f"unknown operation {name!r}")
+    return doc
+
+
+# -- server-side apply field sets -----------------------------------------------------------------
+
+def _leaf_paths(value: Any, prefix: FieldPath = ()) -> set[FieldPath]:
+    """Paths to the leaves of nested maps; lists and empty maps are leaves."""
+    if not isinstance(value, dict) or not value:
+        return {prefix} if prefix else set()
+    paths: set[FieldPath] = set()
+    for key, child in value.items():
+        paths |= _leaf_paths(child, (*prefix, key))
+    return paths
+
+
+def _fields_v1(paths: Iterable[FieldPath]) -> JSON:
+    """Encode paths the way managedFields do: {"f:spec": {"f:replicas": {}}}."""
+    root: JSON = {}
+    for path in sorted(paths):
+        node = root
+        for part in path:
+            node = node.setdefault(f"f:{part}", {})
+    return root
+
+
+def _paths_from_fields_v1(fields: Any, prefix: FieldPath = ()) -> set[FieldPath]:
+    if not isinstance(fields, dict):
+        return set()
+    paths: set[FieldPath] = set()
+    for key, child in fields.items():
+        if not key.startswith("f:"):
+            continue  # ".", "k:{...}" and "v:..." entries (from real servers) are not tracked
+        path = (*prefix, key[2:])
+        below = _paths_from_fields_v1(child, path)
+        paths |= below or {path}
+    return paths
+
+
+def _get_path(obj: Any, path: FieldPath) -> Any:
+    for part in path:
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def _delete_path(obj: JSON, path: FieldPath) -> None:
+    """Remove a leaf, then the maps it leaves empty (but never a top-level field)."""
+    parents: list[JSON] = [obj]
+    for part in path[:-1]:
+        child = parents[-1].get(part)
+        if not isinstance(child, dict):
+            return
+        parents.append(child)
+    parents[-1].pop(path[-1], None)
+    for depth in range(len(parents) - 1, 1, -1):
+        if parents[depth]:
+            break
+        parents[depth - 1].pop(path[depth - 1], None)
+
+
+def _deep_merge(target: JSON, source: JSON) -> None:
+    for key, value in source.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+# -- records --------------------------------------------------------------------------------------
+
+class RecordedRequest(NamedTuple):
+    method: str
+    path: str
+    query: dict[str, str]
+    content_type: str
+
+
+@dataclass
+class _Fault:
+    method: str
+    pattern: re.Pattern[str]
+    error: ApiError
+    remaining: int
+
+
+@dataclass
+class _Event:
+    rv: int
+    type: str  # ADDED, MODIFIED or DELETED
+    storage_key: tuple[str, str]
+    obj: JSON
+    old: JSON | None
+
+
+@dataclass
+class _Watch:
+    rt: ResourceType
+    namespace: str | None
+    labels: list[Requirement]
+    fields: list[Requirement]
+    since: int | None  # None: start with ADDED events for what exists
+    timeout: float
+    bookmark_initial: bool = False
+
+
+@dataclass
+class _Reply:
+    code: int
+    body: Any = None
+    text: str | None = None
+    watch: _Watch | None = None
+    writes: list[tuple[str, JSON]] = field(default_factory=list)
+
+
+# -- the emulator ---------------------------------------------------------------------------------
+
+class KubeEmulator:
+    """An in-memory Kubernetes API server; see the module docstring."""
+
+    def __init__(self, *, strict_namespaces: bool = False, git_version: str = "v1.33.1",
+                 extra_resources: Iterable[ResourceType] = (), history: int = 10_000) -> None:
+        """``strict_namespaces``: creating in a missing namespace fails with 404 (as a real
+        server does) instead of being accepted. ``history``: how many watch events are kept for
+        watches that resume from a resourceVersion (older ones get 410 Gone)."""
+        self.strict_namespaces = strict_namespaces
+        self.git_version = git_version
+        self.callback_errors: builtins.list[BaseException] = []
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._objects: dict[tuple[str, str, str, str], JSON] = {}
+        self._rv = 0
+        self._events: deque[_Event] = deque(maxlen=history)
+        self._builtin_types = [*BUILTIN_RESOURCES, *extra_resources]
+        self._crd_types: dict[str, builtins.list[ResourceType]] = {}
+        self._served: dict[tuple[str, str], dict[str, ResourceType]] = {}
+        self._by_kind: dict[tuple[str, str], ResourceType] = {}
+        self._rebuild_registry()
+        self._meta_lock = threading.Lock()  # guards requests, faults and callbacks
+        self._requests: builtins.list[RecordedRequest] = []
+        self._faults: builtins.list[_Fault] = []
+        self._callbacks: builtins.list[WriteCallback] = []
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        for name in DEFAULT_NAMESPACES:
+            self.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> KubeEmulator:
+        if self._server is None:
+            self._stopping = False
+            self._server = _Server(self)
+            self._thread = threading.Thread(target=self._server.serve_forever,
+                                            kwargs={"poll_interval": 0.05},
+                                            name=f"kube-emulator:{self.port}", daemon=True)
+            self._thread.start()
+            self._forget_discovery_cache()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        server.shutdown()
+        server.close_connections()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._forget_discovery_cache(server.server_address[1])
+
+    def __enter__(self) -> KubeEmulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the emulator is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _forget_discovery_cache(self, port: int | None = None) -> None:
+        """DynamicClient caches discovery in $TMPDIR/osrcp-<md5(host)>.json; ports get reused,
+        so a cache left by an earlier emulator on this port would describe other CRDs."""
+        if port is None and self._server is None:
+            return
+        host = f"http://127.0.0.1:{port or self.port}".encode()
+        digest = hashlib.md5(host, usedforsecurity=False).hexdigest()
+        Path(tempfile.gettempdir(), f"osrcp-{digest}.json").unlink(missing_ok=True)
+
+    def write_kubeconfig(self, path: str | Path, context: str = "kind-lab",
+                         cluster_name: str | None = None) -> Path:
+        """Add (or update) a cluster, user and context for this emulator in the kubeconfig at
+        ``path``, keeping its other entries. current-context is set only if it had none."""
+        target = Path(path)
+        config: JSON = {}
+        if target.exists():
+            config = yaml.safe_load(target.read_text()) or {}
+        cluster = cluster_name or context
+        config.setdefault("apiVersion", "v1")
+        config.setdefault("kind", "Config")
+        config.setdefault("preferences", {})
+        entries = {
+            "clusters": {"name": cluster, "cluster": {"server": self.url}},
+            "users": {"name": context, "user": {"token": "kube-emulator"}},
+            "contexts": {"name": context, "context": {"cluster": cluster, "user": context}},
+        }
+        for section, entry in entries.items():
+            kept = [e for e in config.get(section) or [] if e.get("name") != entry["name"]]
+            config[section] = [*kept, entry]
+        if not config.get("current-context"):
+            config["current-context"] = context
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(yaml.safe_dump(config, sort_keys=False))
+        return target
+
+    # -- test-side API (no HTTP) ------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        return self._rv
+
+    def resource_type(self, api_version: str, kind: str) -> ResourceType:
+        with self._lock:
+            try:
+                return self._by_kind[(api_version, kind)]
+            except KeyError:
+                raise KeyError(f"{kind} in {api_version} is not served (missing CRD?)") from None
+
+    def put(self, obj: JSON) -> JSON:
+        """Create or replace ``obj`` as given (status included: no subresource rules), bump the
+        resourceVersion and notify watchers. Does not run ``on_write`` callbacks."""
+        rt = self.resource_type(obj.get("apiVersion", ""), obj.get("kind", ""))
+        meta = obj.get("metadata") or {}
+        namespace = (meta.get("namespace") or "default") if rt.namespaced else None
+        with self._lock:
+            if self._key(rt, namespace, meta.get("name", "")) in self._objects:
+                return self._update(rt, namespace, meta["name"], obj, via_api=False)
+            return self._create(rt, namespace, obj, via_api=False)
+
+    def get(self, api_version: str, kind: str, name: str,
+            namespace: str | None = None) -> JSON | None:
+        """The object (a copy), or None. Namespaced kinds default to the "default" namespace."""
+        rt = self.resource_type(api_version, kind)
+        with self._lock:
+            found = self._objects.get(self._key(rt, namespace or "default", name))
+            return self._present(rt, found) if found else None
+
+    def list(self, api_version: str, kind: str, namespace: str | None = None,
+             label_selector: str = "") -> JSONList:
+        """Objects of that kind (copies), in one namespace or in all when ``namespace`` is None."""
+        rt = self.resource_type(api_version, kind)
+        with self._lock:
+            return [self._present(rt, o) for o in
+                    self._select(rt, namespace, parse_selector(label_selector), [])]
+
+    def delete(self, api_version: str, kind: str, name: str,
+               namespace: str | None = None) -> bool:
+        """Remove at once (finalizers ignored; a namespace takes its objects with it).
+        True if something was deleted."""
+        rt = self.resource_type(api_version, kind)
+        with self._lock:
+            key = self._key(rt, namespace or "default", name)
+            if key not in self._objects:
+                return False
+            if rt.storage_key == NAMESPACE_KEY:
+                self._empty_namespace(name)
+            self._remove(key)
+            return True
+
+    def patch_status(self, api_version: str, kind: str, name: str, namespace: str | None,
+                     status: JSON) -> JSON:
+        """JSON-merge ``status`` into the object's .status (like a controller would)."""
+        rt = self.resource_type(api_version, kind)
+        with self._lock:
+            old = self._objects.get(self._key(rt, namespace or "default", name))
+            if old is None:
+                raise KeyError(f"{kind} {namespace}/{name} does not exist")
+            new = copy.deepcopy(old)
+            new["status"] = merge_patch(old.get("status") or {}, status)
+            return self._present(rt, self._commit(rt, new, old))
+
+    def load_crds(self, paths: str | Path | Iterable[str | Path]) -> builtins.list[str]:
+        """``put`` every CustomResourceDefinition found in these YAML files (multi-document;
+        a directory means its *.yaml and *.yml files). Returns the CRD names."""
+        items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        files: builtins.list[Path] = []
+        for item in map(Path, items):
+            files += sorted([*item.glob("*.yaml"), *item.glob("*.yml")]) if item.is_dir() \
+                else [item]
+        names = []
+        for file in files:
+            for doc in yaml.safe_load_all(file.read_text()):
+                if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
+                    names.append(self.put(doc)["metadata"]["name"])
+        return names
+
+    @property
+    def requests(self) -> builtins.list[RecordedRequest]:
+        """A snapshot of every request received, oldest first."""
+        with self._meta_lock:
+            return list(self._requests)
+
+    def writes(self) -> builtins.list[RecordedRequest]:
+        """The recorded POST/PUT/PATCH/DELETE requests."""
+        return [r for r in self.requests if r.method in MUTATING_METHODS]
+
+    def clear_requests(self) -> None:
+        with self._meta_lock:
+            self._requests.clear()
+
+    def on_write(self, callback: WriteCallback) -> WriteCallback:
+        """Call ``callback(verb, obj)`` after each successful write made through the API (not
+        through ``put``/``patch_status``/``delete``), before the response is sent and outside
+        the emulator's lock: it may use the API or the test-side methods."""
+        with self._meta_lock:
+            self._callbacks.append(callback)
+        return callback
+
+    def fail_next(self, method: str, path_regex: str, code: int, reason: str,
+                  count: int = 1, message: str = "") -> None:
+        """Answer the next ``count`` requests whose method matches (``"*"``: any) and whose path
+        matches ``path_regex`` (re.search) with a ``Status`` error."""
+        error = ApiError(code, reason, message or f"injected failure ({reason})", {})
+        with self._meta_lock:
+            self._faults.append(_Fault(method.upper(), re.compile(path_regex), error, count))
+
+    # -- registry ---------------------------------------------------------------------------------
+
+    def _rebuild_registry(self) -> None:
+        served: dict[tuple[str, str], dict[str, ResourceType]] = {}
+        by_kind: dict[tuple[str, str], ResourceType] = {}
+        custom = [t for types in self._crd_types.values() for t in types]
+        for rt in [*self._builtin_types, *custom]:  # built-ins win name clashes
+            served.setdefault((rt.group, rt.version), {}).setdefault(rt.plural, rt)
+            by_kind.setdefault((rt.api_version, rt.kind), rt)
+        self._served, self._by_kind = served, by_kind
+
+    def _sync_crds(self) -> None:
+        """Serve what the stored CRDs define; drop the objects of kinds no longer served."""
+        before = {t.storage_key for types in self._crd_types.values() for t in types}
+        self._crd_types = {}
+        for (group, plural, _, name), crd in self._objects.items():
+            if (group, plural) == CRD_KEY:
+                self._crd_types[name] = _types_from_crd(crd)
+        after = {t.storage_key for types in self._crd_types.values() for t in types}
+        gone = before - after
+        for key in [k for k in self._objects if k[:2] in gone]:
+            self._remove(key)
+        self._rebuild_registry()
+        self._forget_discovery_cache()
+
+    def _group_versions(self) -> dict[str, builtins.list[str]]:
+        groups: dict[str, builtins.list[str]] = {}
+        for group, version in self._served:
+            if group:
+                groups.setdefault(group, []).append(version)
+        return {g: sorted(vs, key=_version_priority) for g, vs in groups.items()}
+
+    def _api_group(self, group: str, versions: builtins.list[str]) -> JSON:
+        entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+        return {"name": group, "versions": entries, "preferredVersion": dict(entries[0])}
+
+    # -- storage primitives (call with the lock held) ---------------------------------------------
+
+    @staticmethod
+    def _key(rt: ResourceType, namespace: str | None, name: str) -> tuple[str, str, str, str]:
+        return (rt.group, rt.plural, (namespace or "") if rt.namespaced else "", name)
+
+    @staticmethod
+    def _present(rt: ResourceType, obj: JSON) -> JSON:
+        """A copy of a stored object as served under ``rt``'s version."""
+        out = copy.deepcopy(obj)
+        out["apiVersion"], out["kind"] = rt.api_version, rt.kind
+        return out
+
+    def _select(self, rt: ResourceType, namespace: str | None, labels: builtins.list[Requirement],
+                fields: builtins.list[Requirement]) -> JSONList:
+        found = [obj for (group, plural, ns, _), obj in sorted(self._objects.items())
+                 if (group, plural) == rt.storage_key and (namespace is None or ns == namespace)]
+        return [o for o in found if _matches_labels(o["metadata"].get("labels") or {}, labels)
+                and _matches_fields(o, fields)]
+
+    def _emit(self, type_: str, storage_key: tuple[str, str], obj: JSON,
+              old: JSON | None) -> None:
+        self._events.append(_Event(self._rv, type_, storage_key, copy.deepcopy(obj),
+                                   copy.deepcopy(old) if old is not None else None))
+        self._cond.notify_all()
+
+    def _commit(self, rt: ResourceType, new: JSON, old: JSON | None,
+                dry_run: bool = False) -> JSON:
+        """Store ``new`` in place of ``old``: server-set defaults, resourceVersion, watch event.
+        A deleted object (deletionTimestamp) whose last finalizer went is removed instead."""
+        self._server_defaults(rt, new)
+        if dry_run:
+            return copy.deepcopy(new)
+        meta = new["metadata"]
+        key = self._key(rt, meta.get("namespace"), meta["name"])
+        if old is not None and meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            self._objects[key] = new
+            return self._remove(key)
+        self._rv += 1
+        meta["resourceVersion"] = str(self._rv)
+        self._objects[key] = new
+        self._emit("ADDED" if old is None else "MODIFIED", rt.storage_key, new, old)
+        if rt.storage_key == CRD_KEY:
+            self._sync_crds()
+        return copy.deepcopy(new)
+
+    def _remove(self, key: tuple[str, str, str, str]) -> JSON:
+        old = self._objects.pop(key)
+        self._rv += 1
+        gone = copy.deepcopy(old)
+        gone["metadata"]["resourceVersion"] = str(self._rv)
+        self._emit("DELETED", key[:2], gone, old)
+        if key[:2] == CRD_KEY:
+            self._sync_crds()
+        return gone
+
+    def _empty_namespace(self, namespace: str) -> None:
+        for key in [k for k in self._objects if k[2] == namespace]:
+            self._remove(key)
+
+    def _server_defaults(self, rt: ResourceType, obj: JSON) -> None:
+        """What a real control plane fills in on its own."""
+        meta = obj["metadata"]
+        if rt.storage_key == NAMESPACE_KEY:
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+            obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+            phase = "Terminating" if meta.get("deletionTimestamp") else "Active"
+            obj["status"] = {**(obj.get("status") or {}), "phase": phase}
+        elif rt.storage_key == ("", "pods"):
+            obj.setdefault("status", {}).setdefault("phase", "Pending")
+        elif rt.storage_key == CRD_KEY:
+            try:
+                _types_from_crd(obj)
+            except ValueError as exc:
+                raise _invalid(rt, meta["name"], str(exc)) from None
+            spec, now = obj["spec"], _now()
+            names = {"singular": spec["names"]["kind"].lower(),
+                     "listKind": spec["names"]["kind"] + "List", **spec["names"]}
+            stored = {v["name"] for v in spec.get("versions") or [] if v.get("storage")}
+            status = obj["status"] = dict(obj.get("status") or {})
+            status["acceptedNames"] = names
+            status["storedVersions"] = sorted(set(status.get("storedVersions") or []) | stored)
+            status["conditions"] = [
+                {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+                 "message": "no conflicts found", "lastTransitionTime": now},
+                {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+                 "message": "the initial names have been accepted", "lastTransitionTime": now},
+            ]
+
+    # -- verbs (call with the lock held) ----------------------------------------------------------
+
+    def _normalise(self, rt: ResourceType, body: Any) -> JSON:
+        if not isinstance(body, dict):
+            raise _bad_request(f"the request body must be a JSON or YAML object, not "
+                               f"{type(body).__name__} (double-encoded JSON?)")
+        obj = copy.deepcopy(body)
+        if obj.get("kind") not in (None, "", rt.kind):
+            raise _bad_request(f"the kind in the body ({obj['kind']}) does not match the "
+                               f"resource ({rt.kind})")
+        if obj.get("apiVersion") not in (None, "", rt.api_version):
+            raise _bad_request(f"the API version in the data ({obj['apiVersion']}) does not "
+                               f"match the expected API version ({rt.api_version})")
+        obj["apiVersion"], obj["kind"] = rt.api_version, rt.kind
+        meta = obj.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise _bad_request("metadata must be an object")
+        return obj
+
+    def _check_namespace(self, rt: ResourceType, meta: JSON, namespace: str | None) -> str | None:
+        if not rt.namespaced:
+            meta.pop("namespace", None)
+            return None
+        if meta.get("namespace") and namespace and meta["namespace"] != namespace:
+            raise _bad_request("the namespace of the provided object does not match the "
+                               "namespace sent on the request")
+        namespace = namespace or meta.get("namespace") or "default"
+        meta["namespace"] = namespace
+        return namespace
+
+    def _create(self, rt: ResourceType, namespace: str | None, body: Any, *, via_api: bool,
+                dry_run: bool = False, managed_entry: JSON | None = None) -> JSON:
+        obj = self._normalise(rt, body)
+        meta = obj["metadata"]
+        namespace = self._check_namespace(rt, meta, namespace)
+        if (via_api and self.strict_namespaces and namespace is not None
+                and ("", "namespaces", "", namespace) not in self._objects):
+            raise ApiError(404, "NotFound", f'namespaces "{namespace}" not found',
+                           {"name": namespace, "kind": "namespaces"})
+        if not meta.get("name"):
+            if not meta.get("generateName"):
+                raise _invalid(rt, "", "metadata.name: Required value: name or generateName "
+                                       "is required")
+            while not meta.get("name") or self._key(rt, namespace, meta["name"]) in self._objects:
+                meta["name"] = meta["generateName"] + "".join(
+                    random.choices("bcdfghjklmnpqrstvwxz2456789", k=5))
+        if self._key(rt, namespace, meta["name"]) in self._objects:
+            raise ApiError(409, "AlreadyExists",
+                           f'{rt.group_resource} "{meta["name"]}" already exists',
+                           _details(rt, meta["name"]))
+        for server_field in ("resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds",
+                             "selfLink"):
+            meta.pop(server_field, None)
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
+        if managed_entry is not None:
+            meta["managedFields"] = [managed_entry]
+        if via_api and rt.status_subresource:
+            obj.pop("status", None)
+        return self._commit(rt, obj, None, dry_run)
+
+    def _update(self, rt: ResourceType, namespace: str | None, name: str, body: Any, *,
+                subresource: str | None = None, via_api: bool = True,
+                dry_run: bool = False) -> JSON:
+        """Replace (PUT semantics; patches and applies end here too)."""
+        old = self._objects.get(self._key(rt, namespace, name))
+        if old is None:
+            raise _not_found(rt, name)
+        new = self._normalise(rt, body)
+        meta, old_meta = new["metadata"], old["metadata"]
+        if meta.get("name") not in (None, "", name):
+            raise _bad_request(f"the name of the object ({meta['name']}) does not match the "
+                               f"name on the URL ({name})")
+        self._check_namespace(rt, meta, namespace)
+        if via_api and meta.get("resourceVersion") not in (None, "", old_meta["resourceVersion"]):
+            raise _conflict(rt, name, STALE)
+        if subresource == "status":
+            merged = copy.deepcopy(old)
+            if "status" in new:
+                merged["status"] = new["status"]
+            else:
+                merged.pop("status", None)
+            if "managedFields" in meta:
+                merged["metadata"]["managedFields"] = meta["managedFields"]
+            return self._commit(rt, merged, old, dry_run)
+        for kept in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp",
+                     "deletionGracePeriodSeconds"):
+            if kept in old_meta:
+                meta[kept] = old_meta[kept]
+        if "managedFields" not in meta and "managedFields" in old_meta:
+            meta["managedFields"] = copy.deepcopy(old_meta["managedFields"])
+        if via_api and rt.status_subresource:
+            new.pop("status", None)
+            if "status" in old:
+                new["status"] = copy.deepcopy(old["status"])
+        changed = _spec_content(new) != _spec_content(old)
+        meta["generation"] = int(old_meta.get("generation") or 1) + (1 if changed else 0)
+        return self._commit(rt, new, old, dry_run)
+
+    def _patch(self, rt: ResourceType, namespace: str | None, name: str, raw: bytes,
+               content_type: str, query: dict[str, str], subresource: str | None) -> _Reply:
+        dry_run = bool(query.get("dryRun"))
+        if content_type == CT_APPLY_PATCH:
+            return self._apply(rt, namespace, name, raw, query, subresource)
+        old = self._objects.get(self._key(rt, namespace, name))
+        if old is None:
+            raise _not_found(rt, name)
+        patch, current = _parse_body(raw), self._present(rt, old)
+        try:
+            if content_type == CT_JSON_PATCH:
+                result = json_patch(current, patch)
+            elif content_type == CT_MERGE_PATCH or (content_type == CT_STRATEGIC_PATCH
+                                                    and not rt.custom):
+                if not isinstance(patch, dict):
+                    raise _bad_request(f"a merge patch must be a JSON object, not "
+                                       f"{type(patch).__name__} (double-encoded JSON?)")
+                merge = merge_patch if content_type == CT_MERGE_PATCH else strategic_merge_patch
+                result = merge(current, patch)
+            else:  # like a real server, no strategic merge for custom resources
+                raise ApiError(415, "UnsupportedMediaType",
+                               f"the body of the request was in an unknown format - accepted "
+                               f"media types include: {CT_JSON_PATCH}, {CT_MERGE_PATCH}, "
+                               f"{CT_APPLY_PATCH}"
+                               + ("" if rt.custom else f", {CT_STRATEGIC_PATCH}"))
+        except PatchError as exc:
+            raise _invalid(rt, name, str(exc)) from None
+        updated = self._update(rt, namespace, name, result, subresource=subresource,
+                               dry_run=dry_run)
+        return _Reply(200, self._present(rt, updated),
+                      writes=[] if dry_run else [("patch", self._present(rt, updated))])
+
+    def _apply(self, rt: ResourceType, namespace: str | None, name: str, raw: bytes,
+               query: dict[str, str], subresource: str | None) -> _Reply:
+        """Server-side apply: merge the applied fields in; drop the fields this manager applied
+        last time but not now (unless another applier owns them); 409 on a differing value owned
+        by another applier unless ``force``."""
+        manager = query.get("fieldManager")
+        if not manager:
+            raise _bad_request("fieldManager is required for apply requests")
+        force = query.get("force", "").lower() in ("true", "1")
+        dry_run = bool(query.get("dryRun"))
+        applied = self._normalise(rt, _parse_body(raw))
+        ameta = applied["metadata"]
+        if ameta.get("name") not in (None, "", name):
+            raise _bad_request(f"the name of the object ({ameta['name']}) does not match the "
+                               f"name on the URL ({name})")
+        ameta["name"] = name
+        self._check_namespace(rt, ameta, namespace)
+        if subresource == "status":
+            content: JSON = {"status": applied.get("status") or {}}
+        else:
+            content = {k: v for k, v in applied.items() if k not in ("apiVersion", "kind",
+                       "metadata") and not (k == "status" and rt.status_subresource)}
+            meta_fields = {k: v for k, v in ameta.items() if k not in SERVER_METADATA}
+            if meta_fields:
+                content["metadata"] = meta_fields
+        paths = _leaf_paths(content)
+        entry: JSON = {"manager": manager, "operation": "Apply", "apiVersion": rt.api_version,
+                       "time": _now(), "fieldsType": "FieldsV1", "fieldsV1": _fields_v1(paths)}
+        if subresource:
+            entry["subresource"] = subresource
+        old = self._objects.get(self._key(rt, namespace, name))
+        if old is None:
+            if subresource:
+                raise _not_found(rt, name)
+            created = self._create(rt, namespace, {**content, "metadata": {
+                **content.get("metadata", {}), "name": name, "namespace": namespace}},
+                via_api=True, dry_run=dry_run, managed_entry=entry)
+            return _Reply(201, self._present(rt, created),
+                          writes=[] if dry_run else [("create", self._present(rt, created))])
+
+        entries: JSONList = copy.deepcopy(old["metadata"].get("managedFields") or [])
+        same_scope = [e for e in entries if e.get("operation") == "Apply"
+                      and e.get("subresource") == entry.get("subresource")]
+        mine = next((e for e in same_scope if e.get("manager") == manager), None)
+        others = {id(e): _paths_from_fields_v1(e.get("fieldsV1")) for e in same_scope
+                  if e is not mine}
+        conflicts = sorted((e["manager"], path) for e in same_scope if e is not mine
+                           for path in paths & others[id(e)]
+                           if _get_path(old, path) != _get_path(content, path))
+        if conflicts and not force:
+            causes = [{"reason": "FieldManagerConflict", "message": f'conflict with "{m}"',
+                       "field": "." + ".".join(p)} for m, p in conflicts]
+            plural = "s" if len(causes) > 1 else ""
+            raise ApiError(409, "Conflict", f"Apply failed with {len(causes)} conflict{plural}: "
+                           + "; ".join(f"{c['message']}: {c['field']}" for c in causes),
+                           {**_details(rt, name), "causes": causes})
+        for e in same_scope:  # forced: the other appliers lose the fields in conflict
+            lost = {path for m, path in conflicts if m == e["manager"]}
+            if e is not mine and lost:
+                others[id(e)] -= lost
+                e["fieldsV1"] = _fields_v1(others[id(e)])
+        owned_by_others = set().union(*others.values()) if others else set()
+        result = copy.deepcopy(old)
+        previous = _paths_from_fields_v1(mine.get("fieldsV1")) if mine else set()
+        for path in sorted(previous - paths - owned_by_others, key=len, reverse=True):
+            _delete_path(result, path)
+        _deep_merge(result, content)
+        if mine is not None:
+            entries[entries.index(mine)] = entry
+        else:
+            entries.append(entry)
+        result["metadata"]["managedFields"] = [
+            e for e in entries if e is entry or e.get("operation") != "Apply"
+            or e.get("subresource") != entry.get("subresource")
+            or _paths_from_fields_v1(e.get("fieldsV1"))]
+        result["metadata"]["resourceVersion"] = (ameta.get("resourceVersion")
+                                                 or old["metadata"]["resourceVersion"])
+        updated = self._update(rt, namespace, name, result, subresource=subresource,
+                               dry_run=dry_run)
+        return _Reply(200, self._present(rt, updated),
+                      writes=[] if dry_run else [("patch", self._present(rt, updated))])
+
+    def _delete(self, rt: ResourceType, namespace: str | None, name: str, raw: bytes,
+                dry_run: bool) -> _Reply:
+        key = self._key(rt, namespace, name)
+        old = self._objects.get(key)
+        if old is None:
+            raise _not_found(rt, name)
+        options = _parse_body(raw) if raw.strip() else {}
+        preconditions = (options.get("preconditions") if isinstance(options, dict) else None) or {}
+        for precondition in ("uid", "resourceVersion"):
+            wanted = preconditions.get(precondition)
+            if wanted and wanted != old["metadata"].get(precondition):
+                raise _conflict(rt, name, f"Precondition failed: {precondition} in precondition: "
+                                          f"{wanted}, {precondition} in object meta: "
+                                          f"{old['metadata'].get(precondition)}")
+        if dry_run:
+            return _Reply(200, self._present(rt, old))
+        if old["metadata"].get("finalizers"):  # deletion waits for the finalizers to go
+            pending = copy.deepcopy(old)
+            pending["metadata"].setdefault("deletionTimestamp", _now())
+            pending["metadata"].setdefault("deletionGracePeriodSeconds", 0)
+            stored = self._commit(rt, pending, old)
+            return _Reply(202, self._present(rt, stored), writes=[("delete", self._present(
+                rt, stored))])
+        if rt.storage_key == NAMESPACE_KEY:
+            self._empty_namespace(name)
+            self._objects[key] = terminating = copy.deepcopy(old)
+            terminating["metadata"]["deletionTimestamp"] = _now()
+            terminating["status"] = {**(old.get("status") or {}), "phase": "Terminating"}
+        gone = self._present(rt, self._remove(key))
+        body = gone if rt.returns_deleted_object else {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+            "details": {**_details(rt, name), "uid": old["metadata"]["uid"]}}
+        return _Reply(200, body, writes=[("delete", gone)])
+
+    # -- HTTP routing -----------------------------------------------------------------------------
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._meta_lock:
+            self._requests.append(request)
+
+    def _injected_fault(self, method: str, path: str) -> ApiError | None:
+        with self._meta_lock:
+            for fault in self._faults:
+                if fault.method in ("*", method) and fault.pattern.search(path):
+                    fault.remaining -= 1
+                    if fault.remaining <= 0:
+                        self._faults.remove(fault)
+                    return fault.error
+        return None
+
+    def _run_callbacks(self, writes: builtins.list[tuple[str, JSON]]) -> None:
+        with self._meta_lock:
+            callbacks = list(self._callbacks)
+        for verb, obj in writes:
+            for callback in callbacks:
+                try:
+                    callback(verb, copy.deepcopy(obj))
+                except Exception as exc:  # a test helper failing must not kill the server
+                    log.exception("on_write callback failed")
+                    self.callback_errors.append(exc)
+
+    def _serve(self, method: str, path: str, query: dict[str, str], content_type: str,
+               raw: bytes) -> _Reply:
+        """Answer one request (raises ApiError)."""
+        fault = self._injected_fault(method, path)
+        if fault is not None:
+            raise fault
+        parts = [unquote(p) for p in path.split("/") if p]
+        if not parts:
+            return _Reply(200, {"paths": ["/api", "/api/v1", "/apis", "/version"]})
+        if parts == ["version"]:
+            major, minor = self.git_version.lstrip("v").split(".")[:2]
+            return _Reply(200, {
+                "major": major, "minor": minor, "gitVersion": self.git_version,
+                "gitCommit": "0" * 40, "gitTreeState": "clean",
+                "buildDate": "2025-05-15T00:00:00Z", "goVersion": "go1.24.2",
+                "compiler": "gc", "platform": "linux/amd64"})
+        if parts[0] in ("healthz", "livez", "readyz"):
+            return _Reply(200, text="ok")
+        with self._lock:
+            if parts == ["api"]:
+                return _Reply(200, {"kind": "APIVersions", "versions": ["v1"],
+                                    "serverAddressByClientCIDRs": [
+                                        {"clientCIDR": "0.0.0.0/0",
+                                         "serverAddress": f"127.0.0.1:{self.port}"}]})
+            if parts == ["apis"]:
+                return _Reply(200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                    self._api_group(g, vs) for g, vs in self._group_versions().items()]})
+            if parts[0] == "apis" and len(parts) == 2:
+                versions = self._group_versions().get(parts[1])
+                if not versions:
+                    raise _path_not_found()
+                return _Reply(200, {"kind": "APIGroup", "apiVersion": "v1",
+                                    **self._api_group(parts[1], versions)})
+            if parts[0] == "api" and len(parts) >= 2:
+                group, version, rest = "", parts[1], parts[2:]
+            elif parts[0] == "apis" and len(parts) >= 3:
+                group, version, rest = parts[1], parts[2], parts[3:]
+            else:
+                raise _path_not_found()
+            types = self._served.get((group, version))
+            if types is None:
+                raise _path_not_found()
+            if not rest:
+                return _Reply(200, {
+                    "kind": "APIResourceList", "apiVersion": "v1",
+                    "groupVersion": f"{group}/{version}" if group else version,
+                    "resources": [e for rt in types.values() for e in rt.discovery_entries()]})
+            return self._serve_resource(method, types, rest, query, content_type, raw)
+
+    def _serve_resource(self, method: str, types: dict[str, ResourceType], rest: builtins.list[str],
+                        query: dict[str, str], content_type: str, raw: bytes) -> _Reply:
+        watch = query.get("watch", "").lower() in ("true", "1")
+        if rest[0] == "watch":  # the deprecated /watch/ path prefix
+            watch, rest = True, rest[1:]
+        namespace: str | None = None
+        if (len(rest) >= 3 and rest[0] == "namespaces" and rest[2] in types
+                and types[rest[2]].namespaced):
+            namespace, rest = rest[1], rest[2:]
+        if not rest or len(rest) > 3 or rest[0] not in types:
+            raise _path_not_found()
+        rt = types[rest[0]]
+        name = rest[1] if len(rest) > 1 else None
+        subresource = rest[2] if len(rest) > 2 else None
+        if (rt.namespaced and name is not None and namespace is None) or \
+                (not rt.namespaced and namespace is not None) or \
+                (subresource is not None and (subresource != "status"
+                                              or not rt.status_subresource)):
+            raise _path_not_found()
+        dry_run = bool(query.get("dryRun"))
+
+        if method == "GET" and watch:
+            return _Reply(200, watch=self._watch_request(rt, namespace, name, query))
+        if name is None:
+            if method == "GET":
+                return _Reply(200, self._list(rt, namespace, query))
+            if method == "POST" and (namespace is not None or not rt.namespaced):
+                obj = self._present(rt, self._create(rt, namespace, _parse_body(raw),
+                                                     via_api=True, dry_run=dry_run))
+                return _Reply(201, obj, writes=[] if dry_run else [("create", obj)])
+            if method == "DELETE":
+                return self._delete_collection(rt, namespace, query, dry_run)
+        elif method == "GET":
+            found = self._objects.get(self._key(rt, namespace, name))
+            if found is None:
+                raise _not_found(rt, name)
+            return _Reply(200, self._present(rt, found))
+        elif method == "PUT":
+            obj = self._present(rt, self._update(rt, namespace, name, _parse_body(raw),
+                                                 subresource=subresource, dry_run=dry_run))
+            return _Reply(200, obj, writes=[] if dry_run else [("update", obj)])
+        elif method == "PATCH":
+            return self._patch(rt, namespace, name, raw, content_type, query, subresource)
+        elif method == "DELETE" and subresource is None:
+            return self._delete(rt, namespace, name, raw, dry_run)
+        raise ApiError(405, "MethodNotAllowed",
+                       "the server does not allow this method on the requested resource", {})
+
+    def _list(self, rt: ResourceType, namespace: str | None, query: dict[str, str]) -> JSON:
+        items = self._select(rt, namespace, parse_selector(query.get("labelSelector", "")),
+                             parse_selector(query.get("fieldSelector", ""), fields=True))
+        list_meta: JSON = {"resourceVersion": str(self._rv)}
+        if query.get("continue"):
+            try:
+                after = json.loads(base64.urlsafe_b64decode(query["continue"]))
+            except ValueError:
+                raise ApiError(410, "Expired", "the provided continue parameter is too old "
+                                               "or malformed") from None
+            items = [o for o in items if [o["metadata"].get("namespace", ""),
+                                          o["metadata"]["name"]] > after]
+        limit = int(query.get("limit") or 0)
+        if 0 < limit < len(items):
+            last = items[limit - 1]["metadata"]
+            token = json.dumps([last.get("namespace", ""), last["name"]]).encode()
+            list_meta["continue"] = base64.urlsafe_b64encode(token).decode()
+            list_meta["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
+        presented = [self._present(rt, o) for o in items]
+        if not rt.custom:  # built-in list items carry no apiVersion/kind
+            for item in presented:
+                item.pop("apiVersion", None)
+                item.pop("kind", None)
+        return {"kind": f"{rt.kind}List", "apiVersion": rt.api_version, "metadata": list_meta,
+                "items": presented}
+
+    def _delete_collection(self, rt: ResourceType, namespace: str | None,
+                           query: dict[str, str], dry_run: bool) -> _Reply:
+        items = self._select(rt, namespace, parse_selector(query.get("labelSelector", "")),
+                             parse_selector(query.get("fieldSelector", ""), fields=True))
+        deleted, writes = [], []
+        for obj in items:
+            meta = obj["metadata"]
+            reply = self._delete(rt, meta.get("namespace"), meta["name"], b"", dry_run)
+            deleted.append(self._present(rt, self._objects.get(
+                self._key(rt, meta.get("namespace"), meta["name"]), obj)))
+            writes += reply.writes
+        return _Reply(200, {"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
+                            "metadata": {"resourceVersion": str(self._rv)}, "items": deleted},
+                      writes=writes)
+
+    # -- watch ------------------------------------------------------------------------------------
+
+    def _watch_request(self, rt: ResourceType, namespace: str | None, name: str | None,
+                       query: dict[str, str]) -> _Watch:
+        fields = parse_selector(query.get("fieldSelector", ""), fields=True)
+        if name is not None:
+            fields.append(Requirement("metadata.name", "=", frozenset({name})))
+        since_text = query.get("resourceVersion", "")
+        initial = query.get("sendInitialEvents", "").lower() == "true"
+        try:
+            since = None if initial or since_text in ("", "0") else int(since_text)
+            timeout = float(query.get("timeoutSeconds") or 1800)
+        except ValueError:
+            raise _bad_request("invalid resourceVersion or timeoutSeconds") from None
+        return _Watch(rt, namespace, parse_selector(query.get("labelSelector", "")), fields,
+                      since, timeout, bookmark_initial=initial)
+
+    def _watch_matches(self, watch: _Watch, obj: JSON | None) -> bool:
+        if obj is None:
+            return False
+        meta = obj["metadata"]
+        return ((watch.namespace is None or meta.get("namespace") == watch.namespace)
+                and _matches_labels(meta.get("labels") or {}, watch.labels)
+                and _matches_fields(obj, watch.fields))
+
+    def _collect(self, watch: _Watch, after: int) -> tuple[JSONList, int]:
+        """Watch events newer than ``after`` (call with the lock held)."""
+        pending: builtins.list[_Event] = []
+        for event in reversed(self._events):
+            if event.rv <= after:
+                break
+            if event.storage_key == watch.rt.storage_key:
+                pending.append(event)
+        out: JSONList = []
+        for event in reversed(pending):
+            now, before = (self._watch_matches(watch, event.obj),
+                           self._watch_matches(watch, event.old))
+            type_ = event.type
+            if type_ == "MODIFIED" and now != before:  # moved into / out of the selection
+                type_ = "ADDED" if now else "DELETED"
+            if now or (type_ == "DELETED" and before):
+                out.append({"type": type_, "object": self._present(watch.rt, event.obj)})
+        return out, self._rv
+
+    def _watch_batches(self, watch: _Watch, client_gone: Callable[[], bool]) -> Iterator[JSONList]:
+        """Batches of watch events until the timeout, the client leaving or the emulator
+        stopping. The lock is never held while the caller writes a batch."""
+        deadline = time.monotonic() + watch.timeout
+        with self._cond:
+            if watch.since is None:
+                first = [{"type": "ADDED", "object": self._present(watch.rt, o)}
+                         for o in self._select(watch.rt, watch.namespace, watch.labels,
+                                               watch.fields)]
+                if watch.bookmark_initial:
+                    first.append({"type": "BOOKMARK", "object": {
+                        "kind": watch.rt.kind, "apiVersion": watch.rt.api_version, "metadata": {
+                            "resourceVersion": str(self._rv),
+                            "annotations": {"k8s.io/initial-events-end": "true"}}}})
+                last = self._rv
+            else:
+                full = self._events.maxlen is not None and len(self._events) == self._events.maxlen
+                if full and watch.since < self._events[0].rv - 1:
+                    expired = ApiError(410, "Expired", f"too old resource version: {watch.since} "
+                                                       f"({self._events[0].rv - 1})")
+                    first, last = [{"type": "ERROR", "object": expired.status()}], -1
+                else:
+                    first, last = [], watch.since
+        if first:
+            yield first
+        while last >= 0 and not self._stopping:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            with self._cond:
+                batch, last = self._collect(watch, last)
+                if not batch and not self._stopping:
+                    self._cond.wait(min(remaining, 0.5))
+                    batch, last = self._collect(watch, last)
+            if batch:
+                yield batch
+            elif client_gone():
+                return
+
+
+# -- HTTP plumbing --------------------------------------------------------------------------------
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, emulator: KubeEmulator) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.emulator = emulator
+        self.connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Clients dropping connections (and stop()) are normal here: no stderr tracebacks."""
+        log.debug("kube emulator connection error", exc_info=True)
+
+    def close_connections(self) -> None:
+        """Unblock the handler threads still waiting on kept-alive connections."""
+        with self.connections_lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: every reply has a length or is chunked
+    disable_nagle_algorithm = True  # else each header/body write pair waits ~40 ms for an ACK
+    server_version = "kube-emulator"
+    sys_version = ""
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        with self.server.connections_lock:
+            self.server.connections.add(self.connection)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            with self.server.connections_lock:
+                self.server.connections.discard(self.connection)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet."""
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            body = b""
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                body += self.rfile.read(size)
+                self.rfile.readline()
+            self.rfile.readline()
+            return body
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _dispatch(self) -> None:
+        emulator = self.server.emulator
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        raw = self._read_body()
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        emulator._record(RecordedRequest(self.command, url.path, query, content_type))
+        try:
+            reply = emulator._serve(self.command, url.path, query, content_type, raw)
+        except ApiError as err:
+            reply = _Reply(err.code, err.status())
+        except Exception as exc:
+            log.exception("kube emulator failed on %s %s", self.command, self.path)
+            reply = _Reply(500, ApiError(500, "InternalError", f"emulator error: {exc!r}",
+                                         {}).status())
+        emulator._run_callbacks(reply.writes)
+        if reply.watch is not None:
+            self._stream(emulator, reply.watch)
+        else:
+            self._send(reply)
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _dispatch
+
+    def _send(self, reply: _Reply) -> None:
+        if reply.text is not None:
+            data, content_type = reply.text.encode(), "text/plain; charset=utf-8"
+        else:
+            data, content_type = json.dumps(reply.body).encode(), "application/json"
+        self.send_response(reply.code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, emulator: KubeEmulator, watch: _Watch) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for batch in emulator._watch_batches(watch, self._client_gone):
+                data = "".join(json.dumps(event) + "\n" for event in batch).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:  # the client went away (or the emulator stopped)
+            self.close_connection = True
+
+    def _client_gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
