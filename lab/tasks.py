@@ -5,36 +5,19 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from invoke import Collection, Context, Exit, task
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.tasks import task
 
 from lab import logs
-from lab.config import CONFIG_ENV, LabConfig, load_config
-from lab.errors import LabError
-
-T = TypeVar("T")
-
-CONFIG_HELP = f"lab config file (default: ${CONFIG_ENV} or config/lab.yaml)"
-LOG_HELP = "log format: json or console (default: console on a TTY, JSON otherwise)"
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Every user-facing failure ends in one message that says what to do next."""
-    try:
-        return fn()
-    except LabError as exc:
-        logs.get("lab").error("failed", error=exc.message.splitlines()[0])
-        raise Exit(f"✗ {exc}", code=1) from None
-    except KeyboardInterrupt:
-        raise Exit("✗ interrupted; run `invoke lab.up --resume` to continue", code=130) from None
-
-
-def _setup(config: str | None, log_format: str | None) -> LabConfig:
-    logs.configure(log_format)
-    return _guard(lambda: load_config(config))
+from lab.cli import CONFIG_HELP, LOG_HELP
+from lab.cli import guard as _guard
+from lab.cli import setup as _setup
+from lab.config import LabConfig
+from lab.tasks_tools import DOCTOR_TASKS
 
 
 def _lab(cfg: LabConfig) -> Any:
@@ -43,24 +26,44 @@ def _lab(cfg: LabConfig) -> Any:
     return Lab(cfg, kubeconfig=os.environ.get("LAB_KUBECONFIG"))
 
 
-@task(help={
+UP_HELP = {
     "config": CONFIG_HELP,
     "to": "stop at this state: cluster, cni, gateway, certs, locked, meshed",
     "resume": "trust the record: re-probe completed steps, step back on drift, continue",
     "dry_run": "print the plan (steps, commands, objects) and change nothing",
     "cluster": "only this cluster (repeatable; default: all)",
+    "skip_doctor": "skip the preflight checks (experts; logged)",
+    "no_download": "never download pinned tools; report what to install instead",
     "log_format": LOG_HELP,
-}, iterable=["cluster"])
+}
+
+
+@task(help=UP_HELP, iterable=["cluster"])
 def up(c: Context, config: str | None = None, to: str | None = None, resume: bool = False,
-       dry_run: bool = False, cluster: list[str] | None = None,
-       log_format: str | None = None) -> None:
+       dry_run: bool = False, cluster: list[str] | None = None, skip_doctor: bool = False,
+       no_download: bool = False, log_format: str | None = None) -> None:
     """Bring the lab up (converges from wherever it is)."""
+    _up(config, to, resume, dry_run, cluster, skip_doctor, no_download, log_format)
+
+
+@task(help={k: v for k, v in UP_HELP.items() if k != "to"}, iterable=["cluster"])
+def mesh(c: Context, config: str | None = None, resume: bool = False, dry_run: bool = False,
+         cluster: list[str] | None = None, skip_doctor: bool = False, no_download: bool = False,
+         log_format: str | None = None) -> None:
+    """Bring every cluster of a multi-cluster config up and join them with Cluster Mesh."""
+    _up(config, "meshed", resume, dry_run, cluster, skip_doctor, no_download, log_format)
+
+
+def _up(config: str | None, to: str | None, resume: bool, dry_run: bool,
+        cluster: list[str] | None, skip_doctor: bool, no_download: bool,
+        log_format: str | None) -> None:
     cfg = _setup(config, log_format)
     lab = _lab(cfg)
     if dry_run:
         plan = _guard(lambda: lab.plan(to, resume))
         _print_plan(plan)
         return
+    _guard(lambda: _preflight(cfg, skip_doctor, no_download))
     from lab.ui import Progress
 
     with Progress() as progress:
@@ -68,6 +71,21 @@ def up(c: Context, config: str | None = None, to: str | None = None, resume: boo
         _guard(lambda: lab.up(to, resume, cluster or None))
     print(f"✓ lab is up ({', '.join(cl.name for cl in cfg.clusters)}); "
           "`invoke lab.status` shows every gate")
+
+
+def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
+    """Pinned tools, then the doctor: both before any side effect on a cluster."""
+    from lab.bootstrap import REQUIRED, downloads_forbidden_by_env, ensure_tools, lab_tools
+    from lab.doctor import preflight
+
+    log = logs.get("lab")
+    tools = lab_tools(cfg, log)
+    ensure_tools(cfg, tools, names=REQUIRED,
+                 allow_download=not no_download and not downloads_forbidden_by_env())
+    if skip_doctor or os.environ.get("LAB_SKIP_DOCTOR") == "1":
+        log.warning("doctor.skipped", reason="--skip-doctor" if skip_doctor else "LAB_SKIP_DOCTOR")
+        return
+    preflight(cfg, tools, log)
 
 
 @task(help={
@@ -215,5 +233,7 @@ def hubble(c: Context, config: str | None = None, cluster: str | None = None,
 
 
 namespace = Collection("lab")
-for _t in (up, down, status, render, hubble):
+for _t in (up, mesh, down, status, render, hubble):
+    namespace.add_task(_t)
+for _t in DOCTOR_TASKS:
     namespace.add_task(_t)

@@ -226,7 +226,7 @@ class CniStep:
 
 def _download(url: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 - https URL we pin
+        with urllib.request.urlopen(url, timeout=60) as resp:
             data: bytes = resp.read()
             return data
     except OSError as exc:
