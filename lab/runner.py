@@ -230,7 +230,16 @@ class Lab:
                 self.store.remove(cluster.name)
                 shutil.rmtree(ctx.work_dir, ignore_errors=True)
                 removed.append(cluster.name)
+        # The clusters that stay drop the removed ones from their mesh peers.
+        for cluster in self.cfg.clusters:
+            if cluster.name not in removed and self.store.load(cluster.name).state == "meshed":
+                self._remesh(cluster)
         return removed
+
+    def _remesh(self, cluster: ClusterConfig) -> None:
+        with self._bound(cluster.name), self.store.lock(cluster.name, "lab.down (re-mesh)"):
+            ctx = self.context(cluster)
+            ClusterPipeline(ctx, STEPS, self.progress).reconcile("meshed")
 
 
 def _describe(obj: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from lab.cli import CONFIG_HELP, LOG_HELP
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 from lab.config import LabConfig
+from lab.tasks_gateway import GATEWAY_TASKS
 from lab.tasks_tools import DOCTOR_TASKS
 
 
@@ -235,5 +236,5 @@ def hubble(c: Context, config: str | None = None, cluster: str | None = None,
 namespace = Collection("lab")
 for _t in (up, mesh, down, status, render, hubble):
     namespace.add_task(_t)
-for _t in DOCTOR_TASKS:
+for _t in (*DOCTOR_TASKS, *GATEWAY_TASKS):
     namespace.add_task(_t)

@@ -6,6 +6,7 @@ product code under lab/ runs unchanged against them and against a real HTTP API 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -28,6 +29,24 @@ FAKE_BIN = REPO / "tests" / "fakes" / "bin"
 
 def upstream_dir() -> Path:
     return Path(os.environ.get("LAB_UPSTREAM_DIR", REPO.parent / "shared" / "upstream"))
+
+
+@functools.lru_cache(maxsize=None)
+def _parsed_crds(folder: str) -> tuple[dict[str, Any], ...]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    docs: list[dict[str, Any]] = []
+    for path in sorted(Path(folder).glob("*.yaml")):
+        docs.extend(d for d in yaml.load_all(path.read_text(), Loader=loader) if d)
+    return tuple(docs)
+
+
+def load_upstream_crds(emu: KubeEmulator, *folders: str) -> None:
+    """Serve upstream CRDs (e.g. "cilium-1.18.4/crds") in the emulator; parsed once per run."""
+    import copy
+
+    for folder in folders:
+        for doc in _parsed_crds(str(upstream_dir() / folder)):
+            emu.put(copy.deepcopy(doc))
 
 
 @dataclass

@@ -5,11 +5,15 @@ from __future__ import annotations
 from lab.state import STATES
 from lab.steps.base import Step
 from lab.steps.cluster import ClusterStep
+from lab.steps.certs import CertsStep
 from lab.steps.cni import CniStep
+from lab.steps.gateway import GatewayStep
 
 STEPS: dict[str, Step] = {
     "cluster": ClusterStep(),
     "cni": CniStep(),
+    "gateway": GatewayStep(),
+    "certs": CertsStep(),
 }
 
 

@@ -46,11 +46,16 @@ def gateway_api_crds(version: str) -> list[tuple[str, str]]:
     return out
 
 
-def cilium_values(ctx: StepContext) -> dict[str, Any]:
-    """The Cilium chart values for this cluster (validated against the chart in the tests)."""
+def cilium_values(ctx: StepContext,
+                  peers: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The Cilium chart values for this cluster (validated against the chart in the tests).
+
+    In a multi-cluster lab the clustermesh-apiserver is installed from the start; the peers come
+    from the `meshed` step (``peers``, else what it recorded) so every step renders the same values.
+    """
     c = ctx.cluster
     nodes = 1 + c.workers
-    return {
+    values: dict[str, Any] = {
         "cluster": {"name": c.name, "id": c.id},
         # eBPF replaces kube-proxy; without kube-proxy the agent must be told where the API is.
         "kubeProxyReplacement": True,
@@ -78,6 +83,27 @@ def cilium_values(ctx: StepContext) -> dict[str, Any]:
         # kind nodes (cilium#23283): keep the iptables path.
         "bpf": {"masquerade": False},
     }
+    if ctx.lab.is_mesh:
+        values.update(mesh_values(ctx, peers if peers is not None
+                                  else ctx.facts.get("meshPeers")))
+    return values
+
+
+def mesh_values(ctx: StepContext, peers: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The clustermesh part of the Cilium values for this cluster."""
+    c = ctx.cluster
+    mesh: dict[str, Any] = {
+        "useAPIServer": True,
+        "apiserver": {
+            # Distinct per cluster: under kube-proxy replacement a NodePort shared by two clusters
+            # is answered by the local cluster (cilium#24692).
+            "service": {"type": "NodePort", "nodePort": c.clustermesh_node_port},
+            "tls": {"auto": {"enabled": True, "method": "helm"}},
+        },
+    }
+    if peers is not None:
+        mesh["config"] = {"enabled": True, "clusters": peers}
+    return {"clustermesh": mesh}
 
 
 def cilium_release(ctx: StepContext, values: dict[str, Any] | None = None) -> HelmRelease:
@@ -163,7 +189,7 @@ class CniStep:
         for name in DAEMONSETS:
             ds = k.get("apps/v1", "DaemonSet", name, "kube-system")
             v.add(f"daemonset {name} rolled out", *_daemonset_ready(ds))
-        for name in DEPLOYMENTS:
+        for name in DEPLOYMENTS + (("clustermesh-apiserver",) if ctx.lab.is_mesh else ()):
             dep = k.get("apps/v1", "Deployment", name, "kube-system")
             v.add(f"deployment {name} available", *_deployment_ready(dep))
         nodes = k.list("v1", "Node")

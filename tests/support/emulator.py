@@ -15,10 +15,18 @@ CustomResourceDefinitions (created through the API, ``put`` or ``load_crds``), t
 subresource, label and field selectors, merge/strategic/JSON patches and server-side apply with
 per-manager field ownership, metadata.finalizers, and ``Status`` error bodies.
 
+Pods' ``exec`` and ``portforward`` subresources are served over WebSocket (RFC 6455, the
+``v5.channel.k8s.io``/``v4.channel.k8s.io`` channel protocols that ``kubernetes.stream.stream``
+and ``kubernetes.stream.portforward`` speak); what runs is up to the test::
+
+    emu.on_exec(lambda ns, pod, container, command: (0, "hello\n", ""))
+    emu.on_portforward(lambda ns, pod, port: lambda data: b"echo:" + data)
+
 Not served: authentication/authorization (any token is accepted), schema validation, defaulting
 and pruning, conversion between CRD versions (the stored object is served under every version),
-admission webhooks, owner-reference garbage collection, ``scale``/``log``/``exec`` subresources,
-Table output, protobuf/CBOR, and apply conflicts with ``Update`` managers.
+admission webhooks, owner-reference garbage collection, ``scale``/``log``/``attach``
+subresources, SPDY streaming, Table output, protobuf/CBOR, and apply conflicts with ``Update``
+managers.
 """
 
 from __future__ import annotations
@@ -28,18 +36,20 @@ import builtins
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import logging
 import random
 import re
 import select
 import socket
+import struct
 import tempfile
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,7 +62,12 @@ import yaml
 __all__ = [
     "BUILTIN_RESOURCES",
     "ApiError",
+    "ExecCall",
+    "ExecCallback",
+    "ExecOutput",
     "KubeEmulator",
+    "PortForwardCallback",
+    "PortHandler",
     "RecordedRequest",
     "ResourceType",
     "WriteCallback",
@@ -63,6 +78,16 @@ JSONList = list[JSON]
 FieldPath = tuple[str, ...]
 WriteCallback = Callable[[str, JSON], None]
 """Called as ``callback(verb, obj)``; verb is "create", "update", "patch" or "delete"."""
+ExecOutput = tuple[int, str, str] | Iterable[tuple[int, str | bytes]]
+"""What an exec handler returns: ``(returncode, stdout, stderr)`` at once, or an iterable of
+``(channel, text)`` chunks (channel 1 stdout, 2 stderr) sent as they come; a generator may
+``return returncode`` (default 0)."""
+ExecCallback = Callable[[str, str, str, list[str]], ExecOutput]
+"""Called as ``callback(namespace, pod, container, command)``."""
+PortHandler = Callable[[bytes], bytes]
+"""One forwarded connection: called with each chunk the client sends; returns the reply bytes."""
+PortForwardCallback = Callable[[str, str, int], PortHandler | None]
+"""Called as ``callback(namespace, pod, port)`` for each port of a port-forward; None: refused."""
 
 log = logging.getLogger(__name__)
 
@@ -580,6 +605,20 @@ class RecordedRequest(NamedTuple):
     content_type: str
 
 
+class ExecCall(NamedTuple):
+    """One exec that ran (the query's ``command`` is repeated, so ``RecordedRequest.query`` keeps
+    only its last word: read it here)."""
+
+    namespace: str
+    pod: str
+    container: str  # as resolved: the only container when the request named none
+    command: list[str]
+    stdin: bool = False
+    stdout: bool = True
+    stderr: bool = True
+    tty: bool = False
+
+
 @dataclass
 class _Fault:
     method: str
@@ -644,6 +683,9 @@ class KubeEmulator:
         self._requests: builtins.list[RecordedRequest] = []
         self._faults: builtins.list[_Fault] = []
         self._callbacks: builtins.list[WriteCallback] = []
+        self._exec_callback: ExecCallback | None = None
+        self._portforward_callback: PortForwardCallback | None = None
+        self._exec_calls: builtins.list[ExecCall] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -820,8 +862,10 @@ class KubeEmulator:
         return [r for r in self.requests if r.method in MUTATING_METHODS]
 
     def clear_requests(self) -> None:
+        """Forget the recorded requests (and exec calls)."""
         with self._meta_lock:
             self._requests.clear()
+            self._exec_calls.clear()
 
     def on_write(self, callback: WriteCallback) -> WriteCallback:
         """Call ``callback(verb, obj)`` after each successful write made through the API (not
@@ -830,6 +874,35 @@ class KubeEmulator:
         with self._meta_lock:
             self._callbacks.append(callback)
         return callback
+
+    def on_exec(self, callback: ExecCallback | None) -> ExecCallback | None:
+        """Run ``callback(namespace, pod, container, command)`` for each pod exec; it returns
+        ``(returncode, stdout, stderr)``, or an iterable of ``(channel, text)`` chunks (channel 1
+        stdout, 2 stderr) that are sent as they come, e.g. a generator emulating a followed
+        ``hubble observe`` (it may ``return returncode``; it is closed when the client leaves).
+        The latest callback replaces the previous one; None unregisters (exec then answers 126).
+        A callback that raises ends the exec with an ``InternalError`` status, as a failing
+        container runtime would, and lands in ``callback_errors``. What the client sends (stdin,
+        resize) is read and dropped; with ``tty=true`` stderr goes out on stdout."""
+        with self._meta_lock:
+            self._exec_callback = callback
+        return callback
+
+    def on_portforward(self, callback: PortForwardCallback | None) -> PortForwardCallback | None:
+        """Serve pod port-forwards: ``callback(namespace, pod, port)`` is called for each port of
+        each forward (one per forwarded connection) and returns a handler called with every chunk
+        the client sends, whose returned bytes are sent back; None (or no callback) means nothing
+        listens there: the client gets the "connection refused" error on that port's error
+        channel. The latest callback replaces the previous one."""
+        with self._meta_lock:
+            self._portforward_callback = callback
+        return callback
+
+    @property
+    def exec_calls(self) -> builtins.list[ExecCall]:
+        """A snapshot of the execs that ran (past the pod/container checks), oldest first."""
+        with self._meta_lock:
+            return list(self._exec_calls)
 
     def fail_next(self, method: str, path_regex: str, code: int, reason: str,
                   count: int = 1, message: str = "") -> None:
@@ -1459,6 +1532,238 @@ class KubeEmulator:
             elif client_gone():
                 return
 
+    # -- exec and port-forward ------------------------------------------------------------------
+
+    def _stream_pod(self, namespace: str, name: str) -> JSON:
+        """The pod an exec/port-forward targets (the API server checks it before upgrading)."""
+        with self._lock:
+            pod = self._objects.get(("", "pods", namespace, name))
+            if pod is None:
+                raise _not_found(self._by_kind[("v1", "Pod")], name)
+            return copy.deepcopy(pod)
+
+    def _exec_call(self, namespace: str, name: str, query: dict[str, builtins.list[str]]
+                   ) -> ExecCall:
+        """Validate an exec request like the API server does. Raises ApiError."""
+        def flag(key: str) -> bool:
+            return (query.get(key) or [""])[-1].lower() in ("true", "1")
+
+        spec = self._stream_pod(namespace, name).get("spec") or {}
+        container = (query.get("container") or [""])[-1]
+        names = [str(c.get("name")) for c in spec.get("containers") or []]
+        others = [str(c.get("name")) for key in ("initContainers", "ephemeralContainers")
+                  for c in spec.get(key) or []]
+        # a real pod has at least one container; one without is a test's shorthand: anything goes
+        if names and not container:
+            if len(names) > 1:
+                init = [str(c.get("name")) for c in spec.get("initContainers") or []]
+                message = (f"a container name must be specified for pod {name}, choose one of: "
+                           f"[{' '.join(names)}]")
+                if init:
+                    message += f" or one of the init containers: [{' '.join(init)}]"
+                raise _bad_request(message)
+            container = names[0]
+        elif names and container not in names + others:
+            raise _bad_request(f"container {container} is not valid for pod {name}")
+        call = ExecCall(namespace, name, container, list(query.get("command") or []),
+                        stdin=flag("stdin"), stdout=flag("stdout"), stderr=flag("stderr"),
+                        tty=flag("tty"))
+        if not (call.stdin or call.stdout or call.stderr):
+            raise _bad_request("you must specify at least 1 of stdin, stdout, stderr")
+        return call
+
+    def _exec_output(self, call: ExecCall) -> Generator[tuple[int, bytes], None, JSON]:
+        """Run the exec handler: yields (channel, data) chunks, returns the final Status (what
+        the server sends on the error channel)."""
+        with self._meta_lock:
+            self._exec_calls.append(call)
+            callback = self._exec_callback
+        if callback is None:
+            yield STDERR_CHANNEL, b"no exec handler registered in the emulator"
+            return _exit_status(126, call.command)
+        chunks: Any = None
+        try:
+            result: Any = callback(call.namespace, call.pod, call.container, list(call.command))
+            if isinstance(result, tuple) and len(result) == 3 and isinstance(result[0], int):
+                returncode, out, err = result
+                if out:
+                    yield STDOUT_CHANNEL, _to_bytes(out)
+                if err:
+                    yield STDERR_CHANNEL, _to_bytes(err)
+                return _exit_status(int(returncode), call.command)
+            chunks = iter(result)
+            while True:
+                try:
+                    channel, text = next(chunks)
+                except StopIteration as stop:
+                    value = stop.value
+                    return _exit_status(value if isinstance(value, int) else 0, call.command)
+                if channel not in (STDOUT_CHANNEL, STDERR_CHANNEL):
+                    raise ValueError(f"exec output channel must be 1 (stdout) or 2 (stderr), "
+                                     f"not {channel!r}")
+                yield channel, _to_bytes(text)
+        except Exception as exc:  # a test helper failing must not kill the server
+            log.exception("on_exec callback failed")
+            self.callback_errors.append(exc)
+            cause = f"error executing command in container: {exc}"
+            return {"metadata": {}, "status": "Failure", "reason": "InternalError", "code": 500,
+                    "message": f"Internal error occurred: {cause}",
+                    "details": {"causes": [{"message": cause}]}}
+        finally:
+            if chunks is not None and hasattr(chunks, "close"):
+                chunks.close()  # the client left early: let a generator clean up
+
+    def _portforward_ports(self, namespace: str, name: str,
+                           query: dict[str, builtins.list[str]]) -> builtins.list[int]:
+        """Validate a port-forward request. Raises ApiError."""
+        self._stream_pod(namespace, name)
+        ports: builtins.list[int] = []
+        for text in (p.strip() for value in query.get("ports") or [] for p in value.split(",")):
+            if not text.isdigit() or not 0 < int(text) < 65536:
+                raise _bad_request(f"invalid port {text!r}: must be between 1 and 65535")
+            ports.append(int(text))
+        if not ports:
+            raise _bad_request('query parameter "ports" is required')
+        return ports
+
+    def _port_handler(self, namespace: str, pod: str, port: int) -> PortHandler | None:
+        with self._meta_lock:
+            callback = self._portforward_callback
+        if callback is None:
+            return None
+        try:
+            return callback(namespace, pod, port)
+        except Exception as exc:
+            log.exception("on_portforward callback failed")
+            self.callback_errors.append(exc)
+            return None
+
+    def _forward(self, namespace: str, pod: str, port: int, handler: PortHandler | None,
+                 data: bytes) -> tuple[bytes, str]:
+        """(reply, "") or (b"", the error the server sends on the port's error channel)."""
+        failed = f"error forwarding port {port} to pod {namespace}/{pod}"
+        if handler is None:
+            return b"", f"{failed}: dial tcp4 127.0.0.1:{port}: connect: connection refused"
+        try:
+            return bytes(handler(data) or b""), ""
+        except Exception as exc:
+            log.exception("port-forward handler failed")
+            self.callback_errors.append(exc)
+            return b"", f"{failed}: {exc}"
+
+
+def _to_bytes(text: str | bytes) -> bytes:
+    return text if isinstance(text, bytes) else str(text).encode()
+
+
+def _exit_status(returncode: int, command: builtins.list[str]) -> JSON:
+    """The Status the kubelet sends on the error channel when the command ends."""
+    if returncode == 0:
+        return {"metadata": {}, "status": "Success"}
+    return {"metadata": {}, "status": "Failure",
+            "message": f"command terminated with non-zero exit code: error executing command "
+                       f"[{' '.join(command)}], exit code {returncode}",
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": str(returncode)}]}}
+
+
+# -- WebSocket (RFC 6455, server side) ------------------------------------------------------------
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+STDIN_CHANNEL, STDOUT_CHANNEL, STDERR_CHANNEL, ERROR_CHANNEL, RESIZE_CHANNEL = 0, 1, 2, 3, 4
+# what the API server accepts, in no particular order: it picks the first one the client offers
+EXEC_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io",)  # the kubelet's port-forward has no v5
+STREAM_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/(exec|portforward)$")
+
+
+def _unmask(data: bytes, key: bytes) -> bytes:
+    if not data:
+        return data
+    mask = (key * (len(data) // 4 + 1))[:len(data)]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(mask, "big")).to_bytes(len(data), "big")
+
+
+class _WebSocket:
+    """A server's end of a WebSocket: unmasked unfragmented frames out, masked (possibly
+    fragmented) frames in; pings answered, a close answered once. ``send`` may be called from
+    one thread while another one reads."""
+
+    def __init__(self, rfile: io.BufferedIOBase, wfile: io.BufferedIOBase) -> None:
+        self._rfile, self._wfile = rfile, wfile
+        self._send_lock = threading.Lock()
+        self.close_sent = False
+        self.peer_gone = threading.Event()  # the peer sent a close, or the connection dropped
+
+    def send(self, payload: bytes, opcode: int = OP_BINARY) -> None:
+        """Send one frame; nothing once a close was sent. Raises OSError."""
+        size = len(payload)
+        if size < 126:
+            header = struct.pack("!BB", 0x80 | opcode, size)
+        elif size < 1 << 16:
+            header = struct.pack("!BBH", 0x80 | opcode, 126, size)
+        else:
+            header = struct.pack("!BBQ", 0x80 | opcode, 127, size)
+        with self._send_lock:
+            if self.close_sent:
+                return
+            self.close_sent = opcode == OP_CLOSE
+            self._wfile.write(header + payload)
+
+    def send_channel(self, channel: int, data: bytes) -> None:
+        self.send(bytes([channel]) + data)
+
+    def close(self, code: int = 1000) -> None:
+        with contextlib.suppress(OSError):
+            self.send(struct.pack("!H", code), OP_CLOSE)
+
+    def _read(self, size: int) -> bytes:
+        data = self._rfile.read(size) if size else b""
+        if len(data) < size:
+            raise EOFError
+        return data
+
+    def receive(self) -> tuple[int, bytes] | None:
+        """The next data message as (opcode, payload), or None once the peer closed (its close
+        answered) or the connection dropped."""
+        opcode, message = OP_BINARY, b""
+        try:
+            while True:
+                first, second = self._read(2)
+                fin, op = first & 0x80, first & 0x0F
+                size = second & 0x7F
+                if size == 126:
+                    size = struct.unpack("!H", self._read(2))[0]
+                elif size == 127:
+                    size = struct.unpack("!Q", self._read(8))[0]
+                if not second & 0x80:  # clients must mask their frames
+                    self.close(1002)
+                    break
+                key = self._read(4)
+                payload = _unmask(self._read(size), key)
+                if op == OP_PING:
+                    self.send(payload, OP_PONG)
+                elif op == OP_CLOSE:
+                    self.close(struct.unpack("!H", payload[:2])[0] if len(payload) >= 2
+                               else 1000)
+                    break
+                elif op != OP_PONG:
+                    if op != OP_CONTINUATION:
+                        opcode, message = op, b""
+                    message += payload
+                    if fin:
+                        return opcode, message
+        except (OSError, EOFError, ValueError):  # ValueError: the file was closed under us
+            pass
+        self.peer_gone.set()
+        return None
+
+    def drain(self) -> None:
+        """Read and drop data messages (exec's stdin and resize) until the peer leaves."""
+        while self.receive() is not None:
+            pass
+
 
 # -- HTTP plumbing --------------------------------------------------------------------------------
 
@@ -1524,6 +1829,11 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._read_body()
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         emulator._record(RecordedRequest(self.command, url.path, query, content_type))
+        stream = STREAM_PATH.match(url.path)
+        if stream is not None and self.command in ("GET", "POST"):
+            self._serve_stream(emulator, url.path, unquote(stream[1]), unquote(stream[2]),
+                               stream[3], parse_qs(url.query, keep_blank_values=True))
+            return
         try:
             reply = emulator._serve(self.command, url.path, query, content_type, raw)
         except ApiError as err:
@@ -1565,6 +1875,102 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
         except OSError:  # the client went away (or the emulator stopped)
             self.close_connection = True
+
+    # -- exec and port-forward (WebSocket) --------------------------------------------------------
+
+    def _serve_stream(self, emulator: KubeEmulator, path: str, namespace: str, pod: str,
+                      subresource: str, query: dict[str, builtins.list[str]]) -> None:
+        """Check the request the way the API server does (pod, container, upgrade, protocol),
+        answering errors as plain HTTP, then upgrade and run the exec or port-forward."""
+        offered = [p.strip() for value in self.headers.get_all("Sec-WebSocket-Protocol") or []
+                   for p in value.split(",") if p.strip()]
+        supported = EXEC_PROTOCOLS if subresource == "exec" else PORTFORWARD_PROTOCOLS
+        try:
+            fault = emulator._injected_fault(self.command, path)
+            if fault is not None:
+                raise fault
+            if subresource == "exec":
+                target: ExecCall | builtins.list[int] = emulator._exec_call(namespace, pod, query)
+            else:
+                target = emulator._portforward_ports(namespace, pod, query)
+            if (self.headers.get("Upgrade") or "").lower() != "websocket" \
+                    or "upgrade" not in (self.headers.get("Connection") or "").lower():
+                raise _bad_request("Upgrade request required")
+            key = self.headers.get("Sec-WebSocket-Key") or ""
+            if self.headers.get("Sec-WebSocket-Version") != "13" or not key:
+                raise _bad_request("a WebSocket upgrade needs Sec-WebSocket-Key and "
+                                   "Sec-WebSocket-Version: 13")
+            protocol = next((p for p in offered if p in supported), None)
+            if protocol is None:
+                raise _bad_request(f"requested protocol(s) are not supported: {offered}; "
+                                   f"supports {list(supported)}")
+        except ApiError as err:
+            self._send(_Reply(err.code, err.status()))
+            return
+        digest = hashlib.sha1((key + WS_GUID).encode(), usedforsecurity=False).digest()
+        self.send_response(101, "Switching Protocols")
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", base64.b64encode(digest).decode())
+        self.send_header("Sec-WebSocket-Protocol", protocol)
+        self.end_headers()
+        self.close_connection = True
+        ws = _WebSocket(self.rfile, self.wfile)
+        try:
+            if isinstance(target, ExecCall):
+                self._run_exec(emulator, ws, target)
+            else:
+                self._run_portforward(emulator, ws, namespace, pod, target)
+        except OSError:  # the client went away (or the emulator stopped)
+            pass
+
+    def _run_exec(self, emulator: KubeEmulator, ws: _WebSocket, call: ExecCall) -> None:
+        reader = threading.Thread(target=ws.drain, daemon=True,
+                                  name=f"kube-emulator-exec:{call.namespace}/{call.pod}")
+        reader.start()
+        output = emulator._exec_output(call)
+        try:
+            while not ws.peer_gone.is_set():
+                try:
+                    channel, data = next(output)
+                except StopIteration as stop:
+                    ws.send_channel(ERROR_CHANNEL, json.dumps(stop.value).encode())
+                    break
+                if call.tty and channel == STDERR_CHANNEL:  # a terminal has one output stream
+                    channel = STDOUT_CHANNEL
+                if call.stdout if channel == STDOUT_CHANNEL else call.stderr:
+                    ws.send_channel(channel, data)
+        finally:
+            output.close()
+            ws.close()
+            reader.join(timeout=2)  # the client's answering close
+            if reader.is_alive():
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                reader.join(timeout=1)
+
+    def _run_portforward(self, emulator: KubeEmulator, ws: _WebSocket, namespace: str, pod: str,
+                         ports: builtins.list[int]) -> None:
+        """Channel 2i carries port i's data, 2i+1 its errors; each starts with a frame holding
+        the port number (uint16, little-endian)."""
+        handlers = [emulator._port_handler(namespace, pod, port) for port in ports]
+        failed: set[int] = set()
+        for index, port in enumerate(ports):
+            ws.send_channel(2 * index, port.to_bytes(2, "little"))
+            ws.send_channel(2 * index + 1, port.to_bytes(2, "little"))
+        while (message := ws.receive()) is not None:
+            data = message[1]
+            if not data or data[0] % 2 or data[0] // 2 >= len(ports) or data[0] in failed:
+                continue
+            index = data[0] // 2
+            reply, error = emulator._forward(namespace, pod, ports[index], handlers[index],
+                                             data[1:])
+            if error:
+                failed.add(data[0])
+                ws.send_channel(data[0] + 1, error.encode())
+            elif reply:
+                ws.send_channel(data[0], reply)
+        ws.close()
 
     def _client_gone(self) -> bool:
         try:

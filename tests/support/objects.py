@@ -49,9 +49,9 @@ def deployment(name: str, namespace: str = "kube-system", replicas: int = 1) -> 
 
 
 def pod(name: str, namespace: str, labels: dict[str, str], node: str, ready: bool = True,
-        phase: str = "Running") -> Obj:
+        phase: str = "Running", container: str = "main") -> Obj:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": _meta(name, namespace, labels),
-            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]},
+            "spec": {"nodeName": node, "containers": [{"name": container, "image": "x"}]},
             "status": {"phase": phase, "conditions": [
                 {"type": "Ready", "status": "True" if ready else "False"}]}}
 
@@ -81,8 +81,8 @@ def cni_ready(node_names: list[str]) -> list[Obj]:
     objs: list[Obj] = [node(x) for x in node_names]
     objs += [daemonset("cilium", n), daemonset("cilium-envoy", n)]
     objs += [deployment(d) for d in ("cilium-operator", "hubble-relay", "hubble-ui")]
-    objs += [pod(f"cilium-{i}", "kube-system", {"k8s-app": "cilium"}, x)
-             for i, x in enumerate(node_names)]
+    objs += [pod(f"cilium-{i}", "kube-system", {"k8s-app": "cilium"}, x,
+                 container="cilium-agent") for i, x in enumerate(node_names)]
     objs += [pod(f"cilium-envoy-{i}", "kube-system", {"k8s-app": "cilium-envoy"}, x)
              for i, x in enumerate(node_names)]
     objs += [cilium_node(x) for x in node_names]

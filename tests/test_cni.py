@@ -1,0 +1,308 @@
+"""Step `cni`: values against the pinned chart, pinned CRDs, idempotent helm, the readiness gate."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lab.config import load_config
+from lab.errors import LabError
+from lab.logs import get as get_logger
+from lab.runner import Lab
+from lab.state import Record, StateStore
+from lab.steps.base import StepContext, Timeouts
+from lab.steps.cni import CniStep, cilium_values, gateway_api_crds
+from lab.tools import Tools
+from tests.conftest import REPO, LabEnv, load_upstream_crds, upstream_dir, write_config
+from tests.support import objects
+from tests.support.emulator import KubeEmulator
+from tests.support.upstream import require_upstream, validate_helm_values
+
+
+def _ctx(tmp_path: Path, config: str = "config/lab.yaml", cluster: int = 0,
+         kubeconfig: Path | None = None) -> StepContext:
+    raw = yaml.safe_load((REPO / config).read_text())
+    raw["stateDir"] = str(tmp_path / ".lab")
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(path)
+    c = cfg.clusters[cluster]
+    log = get_logger("test")
+    return StepContext(cfg, c, StateStore(cfg.state_dir), Record(cluster=c.name),
+                       Tools(cfg.state_dir / "bin", log), log,
+                       Timeouts(cni=2, poll_start=0.05, poll_max=0.2),
+                       str(kubeconfig) if kubeconfig else None)
+
+
+# -- values -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", ["config/lab.yaml", "config/mesh.yaml"])
+def test_cilium_values_validate_against_the_pinned_chart(tmp_path: Path, config: str) -> None:
+    require_upstream()
+    for i in range(len(yaml.safe_load((REPO / config).read_text())["clusters"])):
+        values = cilium_values(_ctx(tmp_path, config, i))
+        assert validate_helm_values(values, "cilium") == []
+
+
+def test_cilium_values_carry_what_the_lab_needs(tmp_path: Path) -> None:
+    v = cilium_values(_ctx(tmp_path))
+    assert v["kubeProxyReplacement"] is True
+    assert (v["k8sServiceHost"], v["k8sServicePort"]) == ("lab-control-plane", 6443)
+    assert v["ipam"] == {"mode": "kubernetes"}
+    assert v["operator"]["replicas"] == 1  # one node: a second replica would stay Pending
+    assert v["gatewayAPI"]["enabled"] and v["l2announcements"]["enabled"]
+    assert v["hubble"]["relay"]["enabled"] and v["hubble"]["ui"]["enabled"]
+    assert v["hubble"]["tls"]["enabled"]
+    assert v["cluster"] == {"name": "lab", "id": 1}
+    assert v["bpf"]["masquerade"] is False
+    assert "externalIPs" not in v  # removed in 1.18
+
+
+def test_the_ca_values_are_valid_and_never_in_the_rendered_values(tmp_path: Path) -> None:
+    from lab import ca
+
+    require_upstream()
+    lab_ca = ca.load_or_create(tmp_path)
+    assert validate_helm_values(lab_ca.helm_values(), "cilium") == []
+    key = tmp_path / "ca" / "cilium-ca.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert ca.load_or_create(tmp_path) == lab_ca  # created once, reused by every cluster
+    rendered = CniStep().render(_ctx(tmp_path))
+    assert "tls" not in rendered.helm[0].values
+
+
+# -- Gateway API CRDs ---------------------------------------------------------------------------
+
+def test_pinned_crd_digests_match_the_upstream_release_files() -> None:
+    root = require_upstream() / "gateway-api-1.4.0" / "standard"
+    pinned = dict(gateway_api_crds("v1.4.0"))
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.glob("*.yaml")}
+    assert pinned == files
+
+
+def test_cached_crds_are_verified_and_a_tampered_cache_is_refetched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = require_upstream() / "gateway-api-1.4.0" / "standard"
+    ctx = _ctx(tmp_path)
+    cache = ctx.lab.state_dir / "cache" / "gateway-api-v1.4.0"
+    cache.mkdir(parents=True)
+    for p in root.glob("*.yaml"):
+        (cache / p.name).write_bytes(p.read_bytes())
+    (cache / "gateway.networking.k8s.io_gateways.yaml").write_text("tampered: true\n")
+    fetched: list[str] = []
+
+    def fake_download(url: str) -> bytes:
+        fetched.append(url)
+        return b"still: wrong\n"
+
+    monkeypatch.setattr("lab.steps.cni._download", fake_download)
+    with pytest.raises(LabError, match="the lab pins"):
+        CniStep().fetch_crds(ctx)
+    assert fetched == ["https://raw.githubusercontent.com/kubernetes-sigs/gateway-api/v1.4.0/"
+                       "config/crd/standard/gateway.networking.k8s.io_gateways.yaml"]
+    (cache / "gateway.networking.k8s.io_gateways.yaml").write_bytes(
+        (root / "gateway.networking.k8s.io_gateways.yaml").read_bytes())
+    docs = CniStep().fetch_crds(ctx)
+    kinds = sorted(d["spec"]["names"]["kind"] for d in docs)
+    assert kinds == ["BackendTLSPolicy", "GRPCRoute", "Gateway", "GatewayClass", "HTTPRoute",
+                     "ReferenceGrant"]
+    for d in docs:
+        assert d["metadata"]["annotations"]["gateway.networking.k8s.io/channel"] == "standard"
+
+
+# -- the gate -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def cni_emulator(tmp_path: Path) -> Iterator[tuple[KubeEmulator, StepContext]]:
+    up = require_upstream()
+    with KubeEmulator() as emu:
+        load_upstream_crds(emu, "cilium-1.18.4/crds")
+        for obj in objects.cni_ready(["lab-control-plane"]):
+            emu.put(obj)
+        emu.on_exec(lambda ns, pod, container, cmd: (0, objects.hubble_status_json(1), "")
+                    if cmd[:2] == ["hubble", "status"] else (1, "", "unexpected command"))
+        kubeconfig = tmp_path / "kubeconfig"
+        emu.write_kubeconfig(kubeconfig, context="kind-lab")
+        yield emu, _ctx(tmp_path, kubeconfig=kubeconfig)
+
+
+def test_gate_holds_when_everything_is_ready(
+        cni_emulator: tuple[KubeEmulator, StepContext]) -> None:
+    _, ctx = cni_emulator
+    verdict = CniStep().ready(ctx)
+    assert verdict.ready, verdict.explain()
+    assert [c.name for c in verdict.checks] == [
+        "daemonset cilium rolled out", "daemonset cilium-envoy rolled out",
+        "deployment cilium-operator available", "deployment hubble-relay available",
+        "deployment hubble-ui available", "nodes Ready",
+        "no Pending or failed pods in kube-system", "every agent healthy",
+        "every node registered with Cilium", "hubble relay serves every node"]
+
+
+def _break(emu: KubeEmulator, case: str) -> None:
+    if case == "agent daemonset not rolled out":
+        emu.patch_status("apps/v1", "DaemonSet", "cilium", "kube-system", {"numberReady": 0})
+    elif case == "envoy missing":
+        emu.delete("apps/v1", "DaemonSet", "cilium-envoy", "kube-system")
+    elif case == "stale observedGeneration":
+        emu.patch_status("apps/v1", "DaemonSet", "cilium", "kube-system",
+                         {"observedGeneration": 0})
+    elif case == "operator unavailable":
+        emu.patch_status("apps/v1", "Deployment", "cilium-operator", "kube-system",
+                         {"conditions": [{"type": "Available", "status": "False"}]})
+    elif case == "relay missing":
+        emu.delete("apps/v1", "Deployment", "hubble-relay", "kube-system")
+    elif case == "node not ready":
+        emu.put(objects.node("lab-control-plane", ready=False))
+    elif case == "pending pod":
+        emu.put(objects.pod("coredns-x", "kube-system", {"k8s-app": "kube-dns"},
+                            "lab-control-plane", ready=False, phase="Pending"))
+    elif case == "agent unhealthy":
+        emu.put(objects.pod("cilium-0", "kube-system", {"k8s-app": "cilium"},
+                            "lab-control-plane", ready=False, container="cilium-agent"))
+    elif case == "no CiliumNode":
+        emu.delete("cilium.io/v2", "CiliumNode", "lab-control-plane")
+    elif case == "relay sees no node":
+        emu.on_exec(lambda *a: (0, objects.hubble_status_json(0, 1), ""))
+    elif case == "relay unreachable":
+        emu.on_exec(lambda *a: (1, "", "failed to connect to '10.96.100.10:80'"))
+
+
+GATE_CASES = {
+    "agent daemonset not rolled out": "daemonset cilium rolled out",
+    "envoy missing": "daemonset cilium-envoy rolled out",
+    "stale observedGeneration": "daemonset cilium rolled out",
+    "operator unavailable": "deployment cilium-operator available",
+    "relay missing": "deployment hubble-relay available",
+    "node not ready": "nodes Ready",
+    "pending pod": "no Pending or failed pods in kube-system",
+    "agent unhealthy": "every agent healthy",
+    "no CiliumNode": "every node registered with Cilium",
+    "relay sees no node": "hubble relay serves every node",
+    "relay unreachable": "hubble relay serves every node",
+}
+
+
+@pytest.mark.parametrize(("case", "check"), GATE_CASES.items(), ids=list(GATE_CASES))
+def test_each_failing_condition_is_named(cni_emulator: tuple[KubeEmulator, StepContext],
+                                         case: str, check: str) -> None:
+    emu, ctx = cni_emulator
+    _break(emu, case)
+    verdict = CniStep().ready(ctx)
+    assert not verdict.ready
+    assert check in [c.name for c in verdict.failing], verdict.explain()
+
+
+def test_gate_timeout_names_the_failing_conditions(
+        cni_emulator: tuple[KubeEmulator, StepContext]) -> None:
+    from lab.errors import GateTimeout
+
+    emu, ctx = cni_emulator
+    _break(emu, "operator unavailable")
+    with pytest.raises(GateTimeout) as err:
+        ctx.wait_for(lambda: CniStep().ready(ctx), 0.5, "the cni gate")
+    assert "deployment cilium-operator available" in str(err.value)
+    assert "lab.up --resume" in err.value.hint
+
+
+# -- the whole step through the real tasks, fake helm, emulator -------------------------------------
+
+def _seed_cni(lab_env: LabEnv) -> None:
+    """The fake helm 'installs' the chart as ready objects; the CRD cache holds the pinned files."""
+    up = require_upstream()
+    emu = lab_env.emulators["lab"]
+    load_upstream_crds(emu, "cilium-1.18.4/crds")
+
+    def established(verb: str, obj: dict) -> None:  # type: ignore[type-arg]
+        if obj.get("kind") == "CustomResourceDefinition" and verb in ("create", "patch") \
+                and not obj.get("status", {}).get("conditions"):
+            emu.patch_status("apiextensions.k8s.io/v1", "CustomResourceDefinition",
+                             obj["metadata"]["name"], None,
+                             {"conditions": [{"type": "Established", "status": "True"}]})
+
+    emu.on_write(established)
+    emu.on_exec(lambda *a: (0, objects.hubble_status_json(1), ""))
+    charts = lab_env.fake_state / "charts" / "cilium"
+    charts.mkdir(parents=True)
+    charts.joinpath("ready.yaml").write_text(
+        yaml.safe_dump_all(objects.cni_ready(["lab-control-plane"])))
+    cache = lab_env.state_dir / "cache" / "gateway-api-v1.4.0"
+    cache.mkdir(parents=True)
+    for p in (up / "gateway-api-1.4.0" / "standard").glob("*.yaml"):
+        (cache / p.name).write_bytes(p.read_bytes())
+
+
+def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(lab_env: LabEnv) -> None:
+    _seed_cni(lab_env)
+    lab_env.run("lab.up", "--to", "cni")
+    emu = lab_env.emulators["lab"]
+    assert emu.get("apiextensions.k8s.io/v1", "CustomResourceDefinition",
+                   "gateways.gateway.networking.k8s.io")
+    installs = [a for a in lab_env.calls("helm", "upgrade")]
+    assert len(installs) == 1
+    argv = installs[0]
+    assert argv[:4] == ["upgrade", "--install", "cilium", "cilium/cilium"]
+    assert argv[argv.index("--version") + 1] == "1.18.4"
+    values_files = [argv[i + 1] for i, a in enumerate(argv) if a == "--values"]
+    rendered = yaml.safe_load(Path(values_files[0]).read_text())
+    assert rendered["kubeProxyReplacement"] is True
+    secret = Path(values_files[1])
+    assert secret.stat().st_mode & 0o777 == 0o600 and "tls" in yaml.safe_load(secret.read_text())
+    rec = lab_env.record()
+    assert rec["state"] == "cni" and rec["gates"]["cni"]["ready"]
+    assert "BEGIN" not in (lab_env.root / "stderr.txt").read_text() if (
+        lab_env.root / "stderr.txt").exists() else True
+
+
+def test_rerun_after_success_changes_nothing(lab_env: LabEnv) -> None:
+    _seed_cni(lab_env)
+    lab_env.run("lab.up", "--to", "cni")
+    lab_env.run("lab.up", "--to", "cni")
+    assert len(lab_env.calls("helm", "upgrade")) == 1
+    helm_state = json.loads((lab_env.fake_state / "helm.json").read_text())
+    assert "deployed" in json.dumps(helm_state)
+
+
+def test_crash_mid_helm_install_resumes_and_converges(lab_env: LabEnv) -> None:
+    _seed_cni(lab_env)
+    lab_env.run("lab.up", "--to", "cluster")
+    proc = lab_env.start("lab.up", "--to", "cni", LAB_FAKE_SLEEP="helm:upgrade=30")
+    try:
+        lab_env.wait_for_call("helm", ["upgrade"])
+        import time
+
+        time.sleep(0.5)
+    finally:
+        lab_env.kill(proc)
+    assert lab_env.record()["state"] == "cluster"
+    lab_env.run("lab.up", "--resume", "--to", "cni")
+    rec = lab_env.record()
+    assert rec["state"] == "cni"
+    assert lab_env.calls("helm", "uninstall")  # the pending-install was cleared first
+    assert len(lab_env.calls("helm", "upgrade")) == 2
+
+
+def test_log_never_contains_the_ca_key(lab_env: LabEnv) -> None:
+    _seed_cni(lab_env)
+    proc = lab_env.run("lab.up", "--to", "cni", LAB_LOG_LEVEL="debug")
+    key = (lab_env.state_dir / "ca" / "cilium-ca.key").read_text()
+    body = "".join(key.splitlines()[1:-1])[:40]
+    assert body not in proc.stderr and body not in proc.stdout
+    assert "PRIVATE KEY" not in proc.stderr
+
+
+def test_render_writes_values_and_crd_sources(tmp_path: Path) -> None:
+    cfg_path = write_config(tmp_path / "lab.yaml")
+    lab = Lab(load_config(cfg_path))
+    lab.render(tmp_path / "out")
+    values = yaml.safe_load((tmp_path / "out/lab/helm/cilium.values.yaml").read_text())
+    assert values == cilium_values(lab.context(lab.cfg.clusters[0]))
+    sources = yaml.safe_load((tmp_path / "out/lab/cni/gateway-api-crds.sources.yaml").read_text())
+    assert len(sources["crds"]) == 6 and sources["channel"] == "standard"
+    assert (tmp_path / "out/lab/kind.yaml").exists()
+    assert upstream_dir  # the folder is optional for render
