@@ -18,6 +18,7 @@ from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 from lab.config import LabConfig
 from lab.tasks_gateway import GATEWAY_TASKS
+from lab.tasks_locked import LOCKED_TASKS
 from lab.tasks_tools import DOCTOR_TASKS
 
 
@@ -236,5 +237,5 @@ def hubble(c: Context, config: str | None = None, cluster: str | None = None,
 namespace = Collection("lab")
 for _t in (up, mesh, down, status, render, hubble):
     namespace.add_task(_t)
-for _t in (*DOCTOR_TASKS, *GATEWAY_TASKS):
+for _t in (*DOCTOR_TASKS, *GATEWAY_TASKS, *LOCKED_TASKS):
     namespace.add_task(_t)

@@ -8,12 +8,16 @@ from lab.steps.cluster import ClusterStep
 from lab.steps.certs import CertsStep
 from lab.steps.cni import CniStep
 from lab.steps.gateway import GatewayStep
+from lab.steps.locked import LockedStep
+from lab.steps.meshed import MeshStep
 
 STEPS: dict[str, Step] = {
     "cluster": ClusterStep(),
     "cni": CniStep(),
     "gateway": GatewayStep(),
     "certs": CertsStep(),
+    "locked": LockedStep(),
+    "meshed": MeshStep(),
 }
 
 

@@ -1,0 +1,640 @@
+"""Step `locked`: zero-trust default deny that keeps the infrastructure working, proven live.
+
+Apply: the policies of :mod:`lab.policies` (allowances first, the cluster-wide baseline last, so
+no working flow is ever cut while they land), pruning policies this step applied earlier and no
+longer renders, then two probe pods in two application namespaces (``lab-probe-a``/``-b``).
+
+The gate proves both halves:
+
+* present: every policy exists and the operator's validator marked it ``Valid``;
+* realized: every agent holds every policy in its repository (``cilium-dbg policy get``) and all
+  its endpoints run that policy revision (``cilium-dbg endpoint list``). Cilium 1.18's policy
+  CRDs have no per-node status any more (``status`` has only ``conditions`` and
+  ``derivativePolicies``), so realization is asked of each agent;
+* denied: probe-a cannot open a TCP connection to probe-b (a timeout, not a refusal), and Hubble
+  (through the relay) shows that attempt as a policy DROPPED flow;
+* still working: probe-a resolves a cluster name through kube-dns, and the demo route answers
+  ``https://<echo host>.localhost`` from the host through the Gateway, verified by the lab CA.
+
+Commands run inside pods through an ``ExecFn``; by default ``ctx.kube.exec`` (see ``kube_exec``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from lab.errors import LabError
+from lab.kube import KubeError, condition
+from lab.policies import (
+    ACTORS,
+    CCNP,
+    CILIUM_API,
+    CNP,
+    INFRA_NAMESPACES,
+    MANAGED_BY,
+    STEP_LABEL,
+    AppSpec,
+    Flow,
+    find_allow_all,
+    policy_ref,
+    render_policies,
+)
+from lab.steps.base import Check, Obj, Rendered, StepContext, Verdict, dump_yaml
+from lab.steps.certs import (
+    DEMO_NAME,
+    DEMO_NAMESPACE,
+    DEMO_PORT,
+    demo_host,
+    host_address,
+    https_probe,
+    read_ca_pem,
+    webhook_answers,
+)
+
+# The demo app's image (lab/steps/certs.py): one pull serves both. agnhost `connect` reports
+# TIMEOUT / REFUSED / DNS distinctly; the image also ships nslookup (bind-tools).
+PROBE_IMAGE = "registry.k8s.io/e2e-test-images/agnhost:2.53"
+PROBE_NAMESPACES = ("lab-probe-a", "lab-probe-b")
+PROBE_POD = "probe"
+PROBE_PORT = 8080
+PROBE_LABELS = {"app.kubernetes.io/name": "lab-probe"}
+CONNECT_TIMEOUT = "3s"
+DNS_NAME = "kubernetes.default.svc.cluster.local"
+POLICY_DROP_REASONS = ("POLICY_DENIED", "POLICY_DENY")
+# Cilium's numeric drop reasons (pkg/monitor/api): 133 policy denied, 181 denied by a deny rule.
+DROP_REASON_CODES = {133: "POLICY_DENIED", 181: "POLICY_DENY"}
+
+# exec_fn(namespace, pod, container, argv) -> (exit code, stdout + stderr)
+ExecFn = Callable[[str, str, str | None, list[str]], tuple[int, str]]
+# https_fn(ctx) -> (answered, detail)
+HttpsFn = Callable[[StepContext], tuple[bool, str]]
+
+
+def kube_exec(kube: Any, timeout: float = 30) -> ExecFn | None:
+    """Adapt ``KubeClient.exec(namespace, pod, command, container=None, timeout=…)`` (whose
+    result carries ``returncode`` or ``rc``, ``stdout`` and ``stderr``); None if it is missing."""
+    method = getattr(kube, "exec", None)
+    if method is None:
+        return None
+
+    def run(namespace: str, pod: str, container: str | None, argv: list[str]) -> tuple[int, str]:
+        try:
+            res = method(namespace, pod, argv, container=container, timeout=timeout)
+        except KubeError as exc:
+            return -1, f"exec failed: {exc.message}"
+        rc = getattr(res, "returncode", getattr(res, "rc", -1))
+        out = f"{getattr(res, 'stdout', '') or ''}{getattr(res, 'stderr', '') or ''}"
+        return int(rc if rc is not None else -1), out
+
+    return run
+
+
+# -- objects ---------------------------------------------------------------------------------------
+
+def probe_objects() -> list[Obj]:
+    """Two namespaces with one probe pod each: an agnhost HTTP server on 8080 and a shell."""
+    out: list[Obj] = []
+    for ns in PROBE_NAMESPACES:
+        out.append({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": ns, "labels": {
+                        **MANAGED_BY, STEP_LABEL: "locked",
+                        "pod-security.kubernetes.io/enforce": "restricted"}}})
+    for ns in PROBE_NAMESPACES:
+        out.append({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": PROBE_POD, "namespace": ns,
+                         "labels": {**PROBE_LABELS, **MANAGED_BY, STEP_LABEL: "locked"}},
+            "spec": {
+                "automountServiceAccountToken": False,
+                "terminationGracePeriodSeconds": 1,
+                "securityContext": {"runAsNonRoot": True, "runAsUser": 65534,
+                                    "runAsGroup": 65534,
+                                    "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": PROBE_POD, "image": PROBE_IMAGE,
+                    "args": ["netexec", f"--http-port={PROBE_PORT}", "--udp-port=-1"],
+                    "ports": [{"name": "http", "containerPort": PROBE_PORT, "protocol": "TCP"}],
+                    "readinessProbe": {"tcpSocket": {"port": PROBE_PORT}, "periodSeconds": 2},
+                    "resources": {"requests": {"cpu": "5m", "memory": "16Mi"},
+                                  "limits": {"memory": "64Mi"}},
+                    "securityContext": {"allowPrivilegeEscalation": False,
+                                        "readOnlyRootFilesystem": True,
+                                        "capabilities": {"drop": ["ALL"]}},
+                }],
+            },
+        })
+    return out
+
+
+def demo_app(ctx: StepContext) -> AppSpec:
+    """The certs step's demo app: ingress only from the Gateway, on its port; DNS only."""
+    return AppSpec(name=DEMO_NAME, namespace=DEMO_NAMESPACE, port=DEMO_PORT,
+                   host=demo_host(ctx).removesuffix(".localhost"))
+
+
+def locked_policies(ctx: StepContext) -> list[Obj]:
+    peers = [str(s) for s in ctx.facts.get("dockerSubnets") or []]
+    return render_policies(mesh=ctx.lab.is_mesh, mesh_peer_cidrs=peers, apps=[demo_app(ctx)])
+
+
+def _key(obj: Obj) -> tuple[str, str | None, str]:
+    meta = obj.get("metadata", {})
+    return obj["kind"], meta.get("namespace"), meta["name"]
+
+
+# -- parsing what the agents say -------------------------------------------------------------------
+
+def _json_lines(text: str) -> list[Any]:
+    out: list[Any] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def _policy_name(p: dict[str, Any]) -> str:
+    ns = f"{p['namespace']}/" if p.get("namespace") else ""
+    return f"{p.get('kind', '')} {ns}{p.get('name', '')}".strip()
+
+
+def parse_hubble_flows(text: str) -> list[dict[str, Any]]:
+    """`hubble observe -o json` (one GetFlowsResponse per line: ``{"flow": {...},
+    "node_name": ..., "time": ...}``) → flat dicts. Non-flow lines are skipped."""
+    flows: list[dict[str, Any]] = []
+    for doc in _json_lines(text):
+        if not isinstance(doc, dict):
+            continue
+        flow = doc.get("flow") if isinstance(doc.get("flow"), dict) else (
+            doc if "verdict" in doc else None)
+        if not isinstance(flow, dict):
+            continue
+        src, dst = flow.get("source") or {}, flow.get("destination") or {}
+        ip, l4 = flow.get("IP") or {}, flow.get("l4") or {}
+        proto, ports = next(iter(l4.items()), ("", {}))
+        reason = flow.get("drop_reason_desc") or DROP_REASON_CODES.get(
+            int(flow.get("drop_reason") or 0), "")
+        denied_by = [_policy_name(p) for key in ("egress_denied_by", "ingress_denied_by")
+                     for p in flow.get(key) or [] if isinstance(p, dict)]
+        flows.append({
+            "time": flow.get("time") or doc.get("time", ""),
+            "node": flow.get("node_name") or doc.get("node_name", ""),
+            "verdict": flow.get("verdict", ""),
+            "reason": reason,
+            "direction": flow.get("traffic_direction", ""),
+            "src_namespace": src.get("namespace", ""), "src_pod": src.get("pod_name", ""),
+            "dst_namespace": dst.get("namespace", ""), "dst_pod": dst.get("pod_name", ""),
+            "src_ip": ip.get("source", ""), "dst_ip": ip.get("destination", ""),
+            "protocol": proto,
+            "dst_port": (ports or {}).get("destination_port") if isinstance(ports, dict) else None,
+            "summary": flow.get("Summary", ""),
+            "denied_by": denied_by,
+        })
+    return flows
+
+
+def is_policy_drop(flow: dict[str, Any]) -> bool:
+    return flow.get("verdict") == "DROPPED" and flow.get("reason") in POLICY_DROP_REASONS
+
+
+def find_policy_drop(flows: Sequence[dict[str, Any]], *, src_namespace: str, src_pod: str,
+                     dst_ip: str, dst_port: int) -> dict[str, Any] | None:
+    for f in flows:
+        if (is_policy_drop(f) and f["src_namespace"] == src_namespace
+                and f["src_pod"] == src_pod and f["dst_ip"] == dst_ip
+                and f["dst_port"] == dst_port):
+            return f
+    return None
+
+
+def parse_policy_get(text: str) -> tuple[int, set[str]] | None:
+    """`cilium-dbg policy get -o json` → (repository revision, policy names it holds)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "revision" not in doc:
+        return None
+    names: set[str] = set()
+    rules: Any = doc.get("policy") or "[]"
+    if isinstance(rules, str):
+        try:
+            rules = json.loads(rules)
+        except ValueError:
+            rules = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("key") == "io.cilium.k8s.policy.name" and isinstance(
+                    node.get("value"), str):
+                names.add(node["value"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str) and "io.cilium.k8s.policy.name=" in node:
+            names.add(node.split("io.cilium.k8s.policy.name=", 1)[1])
+
+    walk(rules)
+    return int(doc["revision"]), names
+
+
+def parse_endpoints(text: str) -> list[tuple[int, str, int]] | None:
+    """`cilium-dbg endpoint list -o json` → (id, state, realized policy revision) each."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, list):
+        return None
+    out = []
+    for ep in doc:
+        status = (ep or {}).get("status") or {}
+        realized = (status.get("policy") or {}).get("realized") or {}
+        out.append((int(ep.get("id") or 0), str(status.get("state") or ""),
+                    int(realized.get("policy-revision") or 0)))
+    return out
+
+
+def agent_realized(exec_fn: ExecFn, agent: str, names: set[str]) -> tuple[bool, str]:
+    """One agent holds every policy and all its endpoints run that repository revision."""
+    rc, out = exec_fn("kube-system", agent, "cilium-agent",
+                      ["cilium-dbg", "policy", "get", "-o", "json"])
+    repo = parse_policy_get(out) if rc == 0 else None
+    if repo is None:
+        return False, f"{agent}: `cilium-dbg policy get` failed ({out.strip()[:160]})"
+    revision, held = repo
+    missing = sorted(names - held)
+    if missing:
+        return False, f"{agent}: not in its repository yet: {', '.join(missing)}"
+    rc, out = exec_fn("kube-system", agent, "cilium-agent",
+                      ["cilium-dbg", "endpoint", "list", "-o", "json"])
+    eps = parse_endpoints(out) if rc == 0 else None
+    if eps is None:
+        return False, f"{agent}: `cilium-dbg endpoint list` failed ({out.strip()[:160]})"
+    behind = [str(i) for i, state, rev in eps if state != "ready" or rev < revision]
+    if behind:
+        return False, (f"{agent}: endpoint(s) {', '.join(behind[:5])} not yet at policy "
+                       f"revision {revision}")
+    return True, f"{agent}: revision {revision}, {len(eps)} endpoint(s)"
+
+
+def connect_outcome(rc: int, out: str) -> str:
+    """`agnhost connect` → "allowed" (connected or refused: the packet got there), "denied"
+    (timed out: dropped on the way) or "error" (DNS, bad input, exec failure)."""
+    if rc == 0 or "REFUSED" in out:
+        return "allowed"
+    if "TIMEOUT" in out:
+        return "denied"
+    return "error"
+
+
+# -- live context ----------------------------------------------------------------------------------
+
+def _ready(pod: Obj | None) -> bool:
+    c = condition(pod, "Ready")
+    return bool(c and c.get("status") == "True")
+
+
+def _pod_ip(pod: Obj | None) -> str:
+    return str(((pod or {}).get("status") or {}).get("podIP") or "")
+
+
+def _first_pod(ctx: StepContext, namespace: str, selector: str) -> Obj | None:
+    pods = [p for p in ctx.kube.list("v1", "Pod", namespace, label_selector=selector)
+            if _ready(p)]
+    return pods[0] if pods else None
+
+
+def ready_agents(ctx: StepContext) -> list[Obj]:
+    return [p for p in ctx.kube.list("v1", "Pod", "kube-system", label_selector="k8s-app=cilium")
+            if _ready(p)]
+
+
+def relay_server(ctx: StepContext) -> str | None:
+    svc = ctx.kube.get("v1", "Service", "hubble-relay", "kube-system")
+    if not svc:
+        return None
+    ip = svc.get("spec", {}).get("clusterIP")
+    port = (svc.get("spec", {}).get("ports") or [{}])[0].get("port", 80)
+    return f"{ip}:{port}" if ip else None
+
+
+def observe_drops(ctx: StepContext, exec_fn: ExecFn, src_namespace: str, src_pod: str,
+                  node: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Policy-DROPPED flows from that pod in the last 5 minutes, cluster-wide through the relay
+    (falling back to the agent on ``node``). Returns (flows, where they came from)."""
+    agents = ready_agents(ctx)
+    if not agents:
+        return [], "no ready agent"
+    argv = ["hubble", "observe", "--verdict", "DROPPED", "--from-pod",
+            f"{src_namespace}/{src_pod}", "--since", "5m", "-o", "json"]
+    relay = relay_server(ctx)
+    errors = []
+    if relay:
+        rc, out = exec_fn("kube-system", agents[0]["metadata"]["name"], "cilium-agent",
+                          [*argv, "--server", relay])
+        if rc == 0:
+            return [f for f in parse_hubble_flows(out) if is_policy_drop(f)], "relay"
+        errors.append(f"relay: {out.strip()[:120]}")
+    local = [a for a in agents if a.get("spec", {}).get("nodeName") == node] or agents
+    rc, out = exec_fn("kube-system", local[0]["metadata"]["name"], "cilium-agent", argv)
+    if rc == 0:
+        return [f for f in parse_hubble_flows(out) if is_policy_drop(f)], \
+            f"agent {local[0]['metadata']['name']}"
+    errors.append(f"agent: {out.strip()[:120]}")
+    return [], "; ".join(errors)
+
+
+def default_https(ctx: StepContext) -> tuple[bool, str]:
+    """GET https://<demo host>:<https host port>/ from this machine, trusting only the lab CA."""
+    ca_pem = read_ca_pem(ctx.kube)
+    if not ca_pem:
+        return False, "the lab CA Secret is missing (the certs step issues it)"
+    g = ctx.cluster.gateway
+    return https_probe(host_address(g.listen_address), g.https_host_port, demo_host(ctx), ca_pem)
+
+
+# -- the step --------------------------------------------------------------------------------------
+
+class LockedStep:
+    name = "locked"
+    title = "zero-trust default deny + onboarding"
+
+    def __init__(self, exec_fn: ExecFn | None = None, https_fn: HttpsFn | None = None) -> None:
+        self.exec_fn = exec_fn
+        self.https_fn = https_fn or default_https
+
+    def executor(self, ctx: StepContext) -> ExecFn | None:
+        return self.exec_fn or kube_exec(ctx.kube)
+
+    def render(self, ctx: StepContext) -> Rendered:
+        policies = locked_policies(ctx)
+        problems = find_allow_all(policies)
+        if problems:  # a bug in lab/policies.py, never a user error
+            raise LabError("a rendered policy would allow everything: " + "; ".join(problems))
+        return Rendered(files={"locked/policies.yaml": dump_yaml(policies),
+                               "locked/probes.yaml": dump_yaml(probe_objects())},
+                        objects=[*policies, *probe_objects()])
+
+    # -- apply ------------------------------------------------------------------------------------
+
+    def apply(self, ctx: StepContext) -> None:
+        k = ctx.kube
+        if not (k.serves(CILIUM_API, CCNP) and k.serves(CILIUM_API, CNP)):
+            raise LabError("Cilium's policy CRDs are not served (CiliumNetworkPolicy, "
+                           "CiliumClusterwideNetworkPolicy)",
+                           "the cni step installs Cilium, whose operator registers them: run "
+                           "`invoke lab.up --resume`")
+        rendered = self.render(ctx)
+        policies = [o for o in rendered.objects if o["apiVersion"] == CILIUM_API]
+        for ns in sorted({o["metadata"]["namespace"] for o in policies
+                          if o["metadata"].get("namespace")}):
+            if k.get("v1", "Namespace", ns) is None:
+                raise LabError(f"namespace {ns!r} does not exist: its policy has nowhere to go",
+                               "the certs step installs cert-manager and the demo app: run "
+                               "`invoke lab.up --resume`")
+        ctx.write_file("locked/policies.yaml", rendered.files["locked/policies.yaml"])
+        # Allowances first, the baseline last: no flow that must work is ever cut meanwhile.
+        for obj in reversed(policies):
+            k.apply(obj)
+        self._prune(ctx, policies)
+        self._ensure_probes(ctx)
+        ctx.facts["locked"] = {"policies": [policy_ref(p) for p in policies],
+                               "excludedNamespaces": list(INFRA_NAMESPACES)}
+
+    def _prune(self, ctx: StepContext, keep: list[Obj]) -> None:
+        wanted = {_key(o) for o in keep}
+        for kind in (CCNP, CNP):
+            for obj in ctx.kube.list(CILIUM_API, kind, label_selector=f"{STEP_LABEL}=locked"):
+                key = _key({**obj, "kind": kind})
+                if key not in wanted:
+                    ctx.log.info("locked.prune", policy=policy_ref({**obj, "kind": kind}))
+                    ctx.kube.delete(CILIUM_API, kind, key[2], key[1])
+
+    def _ensure_probes(self, ctx: StepContext) -> None:
+        k = ctx.kube
+        for obj in probe_objects():
+            if obj["kind"] == "Pod":
+                ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+                current = k.get("v1", "Pod", name, ns)
+                stale = current is not None and (
+                    current.get("status", {}).get("phase") in ("Failed", "Succeeded")
+                    or current.get("metadata", {}).get("deletionTimestamp")
+                    or [c.get("image") for c in current.get("spec", {}).get("containers", [])]
+                    != [PROBE_IMAGE])
+                if stale:
+                    k.delete("v1", "Pod", name, ns)
+                    deadline = time.monotonic() + 60
+                    while k.get("v1", "Pod", name, ns) is not None:
+                        if time.monotonic() > deadline:
+                            raise LabError(f"probe pod {ns}/{name} did not go away",
+                                           f"delete it by hand (`kubectl -n {ns} delete pod "
+                                           f"{name} --force`), then `invoke lab.up --resume`")
+                        time.sleep(0.5)
+            k.apply(obj)
+
+    # -- gate -------------------------------------------------------------------------------------
+
+    def ready(self, ctx: StepContext) -> Verdict:
+        v = Verdict("locked")
+        k = ctx.kube
+        if not v.add("policy CRDs served", k.serves(CILIUM_API, CCNP) and
+                     k.serves(CILIUM_API, CNP)):
+            return v
+        policies = locked_policies(ctx)
+        missing, drifted, invalid = [], [], []
+        for p in policies:
+            kind, ns, name = _key(p)
+            got = k.get(CILIUM_API, kind, name, ns)
+            if got is None:
+                missing.append(policy_ref(p))
+                continue
+            if got.get("spec") != p["spec"]:  # the CRDs default nothing: equal when untouched
+                drifted.append(policy_ref(p))
+            valid = condition(got, "Valid")
+            if valid is not None and valid.get("status") != "True":
+                invalid.append(f"{policy_ref(p)}: {valid.get('message', '')[:120]}")
+        v.add("policies present", not missing and not drifted,
+              f"missing: {', '.join(missing)}" if missing
+              else f"changed since applied (`invoke lab.up` restores them): {', '.join(drifted)}"
+              if drifted else f"{len(policies)} policies")
+        v.add("policies valid (operator's Valid condition)", not invalid, "; ".join(invalid))
+        exec_fn = self.executor(ctx)
+        if exec_fn is None:
+            v.add("live probe", False, "lab.kube.KubeClient has no exec(namespace, pod, command, "
+                                       "container=None, timeout=…) yet")
+            return v
+        v.checks.append(self._realized(ctx, exec_fn, policies))
+        pods = {ns: k.get("v1", "Pod", PROBE_POD, ns) for ns in PROBE_NAMESPACES}
+        not_ready = [ns for ns, p in pods.items() if not _ready(p) or not _pod_ip(p)]
+        if not v.add("probe pods ready", not not_ready,
+                     f"not ready: {', '.join(not_ready)}" if not_ready else ""):
+            return v
+        a_ns, b_ns = PROBE_NAMESPACES
+        target = _pod_ip(pods[b_ns])
+        rc, out = exec_fn(a_ns, PROBE_POD, PROBE_POD,
+                          ["/agnhost", "connect", f"{target}:{PROBE_PORT}",
+                           f"--timeout={CONNECT_TIMEOUT}"])
+        outcome = connect_outcome(rc, out)
+        v.add(f"{a_ns} cannot reach {b_ns} (default deny)", outcome == "denied",
+              {"allowed": "connected: the default deny is not enforced",
+               "denied": "timed out"}.get(outcome, out.strip()[:160]))
+        flows, where = observe_drops(ctx, exec_fn, a_ns, PROBE_POD,
+                                     (pods[a_ns] or {}).get("spec", {}).get("nodeName"))
+        hit = find_policy_drop(flows, src_namespace=a_ns, src_pod=PROBE_POD, dst_ip=target,
+                               dst_port=PROBE_PORT)
+        v.add("the denied flow is a policy DROPPED flow in Hubble", hit is not None,
+              f"{hit['reason']} {hit['direction']} on {hit['node']} (via {where})" if hit
+              else f"no policy drop {a_ns}/{PROBE_POD} → {target}:{PROBE_PORT} yet ({where})")
+        rc, out = exec_fn(a_ns, PROBE_POD, PROBE_POD, ["nslookup", DNS_NAME])
+        v.add(f"DNS resolves from {a_ns}", rc == 0,
+              DNS_NAME if rc == 0 else out.strip()[-160:])
+        ok, detail = self.https_fn(ctx)
+        v.add("the demo route answers through the Gateway from the host", ok, detail)
+        return v
+
+    def _realized(self, ctx: StepContext, exec_fn: ExecFn, policies: list[Obj]) -> Check:
+        agents = ready_agents(ctx)
+        nodes = ctx.kube.list("v1", "Node")
+        if not agents or len(agents) < len(nodes):
+            return Check("policies realized by every agent", False,
+                         f"{len(agents)} ready agent(s) for {len(nodes)} node(s)")
+        names = {p["metadata"]["name"] for p in policies}
+        results = [agent_realized(exec_fn, a["metadata"]["name"], names) for a in agents]
+        bad = [d for ok, d in results if not ok]
+        return Check("policies realized by every agent", not bad,
+                     "; ".join(bad) if bad else "; ".join(d for _, d in results))
+
+    def probe(self, ctx: StepContext) -> Verdict:
+        v = Verdict("locked")
+        k = ctx.kube
+        if not v.add("policy CRDs served", k.serves(CILIUM_API, CCNP)):
+            return v
+        for p in locked_policies(ctx)[:2]:  # the baseline and the Gateway's allowance
+            kind, ns, name = _key(p)
+            v.add(f"{policy_ref(p)} present", k.get(CILIUM_API, kind, name, ns) is not None)
+        return v
+
+
+# -- live trials of the matrix (the e2e suite) -----------------------------------------------------
+
+@dataclass
+class TrialResult:
+    flow: Flow
+    outcome: str  # allowed | denied | skipped | error
+    detail: str = ""
+    hubble: dict[str, Any] | None = None  # the policy drop seen, for denied flows
+
+
+# Where a source actor's commands run: (namespace, label selector, container).
+SOURCE_PODS: dict[str, tuple[str, str, str]] = {
+    "app-a": (PROBE_NAMESPACES[0], "app.kubernetes.io/name=lab-probe", PROBE_POD),
+    "app-b": (PROBE_NAMESPACES[1], "app.kubernetes.io/name=lab-probe", PROBE_POD),
+    "echo": (DEMO_NAMESPACE, f"app.kubernetes.io/name={DEMO_NAME}", DEMO_NAME),
+}
+# Where a destination actor lives when it is a pod: (namespace, label selector).
+DEST_PODS: dict[str, tuple[str, str]] = {
+    "app-a": (PROBE_NAMESPACES[0], "app.kubernetes.io/name=lab-probe"),
+    "app-b": (PROBE_NAMESPACES[1], "app.kubernetes.io/name=lab-probe"),
+    "echo": (DEMO_NAMESPACE, f"app.kubernetes.io/name={DEMO_NAME}"),
+    "kube-dns": ("kube-system", "k8s-app=kube-dns"),
+    "hubble-relay": ("kube-system", "k8s-app=hubble-relay"),
+    "cert-manager-webhook": ("cert-manager", "app.kubernetes.io/component=webhook"),
+}
+
+
+def try_flow(ctx: StepContext, flow: Flow, exec_fn: ExecFn,
+             https_fn: HttpsFn = default_https) -> TrialResult:
+    """Try one matrix flow for real; for denied TCP flows also find the policy drop in Hubble."""
+    if flow.trial is None:
+        return TrialResult(flow, "skipped", "proven offline only (lab.policies.decide)")
+    if flow.trial == "gateway-https":
+        ok, detail = https_fn(ctx)
+        return TrialResult(flow, "allowed" if ok else "denied", detail)
+    if flow.trial == "webhook-dry-run":
+        ok, detail = webhook_answers(ctx.kube)
+        return TrialResult(flow, "allowed" if ok else "denied", detail)
+    if flow.trial == "cert-manager-lease":
+        return _lease_trial(ctx, flow)
+    if flow.trial in ("relay-nodes", "relay-from-agent"):
+        return _relay_trial(ctx, flow, exec_fn)
+    source = SOURCE_PODS.get(flow.source)
+    if source is None:
+        return TrialResult(flow, "error", f"no pod to run {flow.source}'s side from")
+    ns, selector, container = source
+    pod = _first_pod(ctx, ns, selector)
+    if pod is None:
+        return TrialResult(flow, "error", f"no ready pod {selector} in {ns}")
+    pod_name = pod["metadata"]["name"]
+    if flow.trial == "dns":
+        rc, out = exec_fn(ns, pod_name, container, ["nslookup", DNS_NAME])
+        return TrialResult(flow, "allowed" if rc == 0 else "denied", out.strip()[-160:])
+    if flow.destination in DEST_PODS:
+        dns, dsel = DEST_PODS[flow.destination]
+        dst = _first_pod(ctx, dns, dsel)
+        if dst is None:
+            return TrialResult(flow, "error", f"no ready pod {dsel} in {dns}")
+        address = _pod_ip(dst)
+    else:
+        address = ACTORS[flow.destination].ip
+    if not address:
+        return TrialResult(flow, "error", f"no address for {flow.destination}")
+    rc, out = exec_fn(ns, pod_name, container,
+                      ["/agnhost", "connect", f"{address}:{flow.port}",
+                       f"--timeout={CONNECT_TIMEOUT}"])
+    outcome = connect_outcome(rc, out)
+    result = TrialResult(flow, outcome, out.strip()[:160])
+    if outcome == "denied":
+        flows, where = observe_drops(ctx, exec_fn, ns, pod_name,
+                                     pod.get("spec", {}).get("nodeName"))
+        result.hubble = find_policy_drop(flows, src_namespace=ns, src_pod=pod_name,
+                                         dst_ip=address, dst_port=flow.port)
+        result.detail += f" (Hubble via {where})"
+    return result
+
+
+def _relay_trial(ctx: StepContext, flow: Flow, exec_fn: ExecFn) -> TrialResult:
+    agents, relay = ready_agents(ctx), relay_server(ctx)
+    if not agents or not relay:
+        return TrialResult(flow, "error", "no ready agent or no hubble-relay Service")
+    rc, out = exec_fn("kube-system", agents[0]["metadata"]["name"], "cilium-agent",
+                      ["hubble", "status", "--server", relay, "-o", "json"])
+    if rc != 0:
+        return TrialResult(flow, "denied", out.strip()[:160])
+    if flow.trial == "relay-from-agent":
+        return TrialResult(flow, "allowed", "the relay answered an agent pod")
+    try:
+        data = json.loads(out)
+    except ValueError:
+        return TrialResult(flow, "error", out.strip()[:160])
+    connected = data.get("num_connected_nodes", data.get("numConnectedNodes"))
+    if isinstance(connected, dict):
+        connected = connected.get("value")
+    nodes = len(ctx.kube.list("v1", "Node"))
+    ok = connected is not None and int(connected) >= nodes
+    return TrialResult(flow, "allowed" if ok else "denied",
+                       f"{connected}/{nodes} nodes connected to the relay")
+
+
+def _lease_trial(ctx: StepContext, flow: Flow, fresh: float = 120) -> TrialResult:
+    """cert-manager's controller renews its leader lease through the kube-apiserver."""
+    lease = ctx.kube.get("coordination.k8s.io/v1", "Lease", "cert-manager-controller",
+                         "kube-system")
+    renew = ((lease or {}).get("spec") or {}).get("renewTime")
+    if not renew:
+        return TrialResult(flow, "error", "no cert-manager-controller lease in kube-system")
+    when = datetime.fromisoformat(str(renew).replace("Z", "+00:00"))
+    age = (datetime.now(timezone.utc) - when).total_seconds()
+    return TrialResult(flow, "allowed" if age < fresh else "denied",
+                       f"leader lease renewed {age:.0f}s ago")
