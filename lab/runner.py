@@ -18,7 +18,7 @@ from lab.config import ClusterConfig, LabConfig
 from lab.errors import LabError
 from lab.pipeline import ClusterPipeline
 from lab.state import STATES, Record, StateStore
-from lab.steps import STEPS, implemented_states
+from lab.steps.registry import STEPS, implemented_states
 from lab.steps.base import Rendered, StepContext, Timeouts, Verdict, dump_yaml
 from lab.tools import Tools
 from lab.ui import Progress

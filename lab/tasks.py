@@ -198,15 +198,15 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
     "verdict": "with --observe: only flows with this verdict (e.g. DROPPED, FORWARDED)",
     "namespace": "with --observe: only flows to or from this namespace",
     "pod": "with --observe: only flows to or from this pod ([namespace/]name prefix)",
-    "last": "with --observe: start with the last N flows",
-    "no_follow": "with --observe: print what is there and stop",
+    "last": "with --observe: start with the last N flows (0: only new ones)",
+    "follow": "with --observe: keep streaming (--no-follow prints what is there and stops)",
     "output": "with --observe: compact, dict, json or table",
     "port": "local port for the UI (default 12000)",
     "log_format": LOG_HELP,
 })
 def hubble(c: Context, config: str | None = None, cluster: str | None = None,
            observe: bool = False, verdict: str | None = None, namespace: str | None = None,
-           pod: str | None = None, last: int | None = None, no_follow: bool = False,
+           pod: str | None = None, last: int = 0, follow: bool = True,
            output: str = "compact", port: int = 12000, log_format: str | None = None) -> None:
     """Open the Hubble UI (port-forward), or stream flows cluster-wide with --observe."""
     import threading
@@ -219,7 +219,7 @@ def hubble(c: Context, config: str | None = None, cluster: str | None = None,
     kube = KubeClient(target.kube_context, os.environ.get("LAB_KUBECONFIG"))
     if observe:
         flt = hub.ObserveFilter(verdict=verdict, namespace=namespace, pod=pod,
-                                follow=not no_follow, last=last, output=output)
+                                follow=follow, last=last or None, output=output)
         _guard(flt.validate)
         for chunk in _guard(lambda: hub.observe(kube, flt)):
             sys.stdout.write(chunk)

@@ -165,3 +165,13 @@ def lab_env(tmp_path: Path) -> Iterator[LabEnv]:
         yield env
     finally:
         emu.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kind-cilium-lab e2e")
+    group.addoption("--mesh", action="store_true",
+                    help="e2e: bring up config/mesh.yaml (two clusters, Cluster Mesh)")
+    group.addoption("--e2e-config", default=None,
+                    help="e2e: bring up this config instead of config/lab.yaml")
+    group.addoption("--e2e-keep", action="store_true",
+                    help="e2e: leave the lab running at the end (no lab.down)")

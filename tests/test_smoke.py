@@ -1,0 +1,68 @@
+"""Every module imports on its own (no import cycles), every task answers --help, and
+`invoke --list` never imports the kubernetes client (it costs ~0.5 s)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODULES = sorted(
+    ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+    for p in (REPO / "lab").rglob("*.py"))
+
+
+def test_each_module_imports_first_in_a_fresh_interpreter() -> None:
+    code = ("import importlib, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    for m in [k for k in sys.modules if k == 'lab' or k.startswith('lab.')]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module(name)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *MODULES], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _tasks() -> list[str]:
+    proc = subprocess.run([sys.executable, "-m", "invoke", "--list"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=True)
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  lab.")]
+
+
+def test_task_list_is_complete() -> None:
+    assert set(_tasks()) == {"lab.up", "lab.mesh", "lab.down", "lab.status", "lab.render",
+                             "lab.doctor", "lab.tools", "lab.hubble", "lab.trust",
+                             "lab.onboard"}
+
+
+@pytest.mark.parametrize("task", sorted({"lab.up", "lab.mesh", "lab.down", "lab.status",
+                                         "lab.render", "lab.doctor", "lab.tools", "lab.hubble",
+                                         "lab.trust", "lab.onboard"}))
+def test_every_option_has_help(task: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "invoke", "--help", task], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=True)
+    # option lines are indented by two spaces; wrapped help text is indented further
+    options = [line for line in proc.stdout.splitlines()
+               if line.startswith("  -") and not line.startswith("   ")]
+    assert options
+    for line in options:
+        # invoke prints flags, then two or more spaces, then the option's help text
+        import re
+
+        assert len(re.split(r"\s{2,}", line.strip())) >= 2, f"{task}: option without help: {line}"
+
+
+def test_invoke_list_does_not_import_the_kubernetes_client() -> None:
+    code = ("import sys, runpy\n"
+            "sys.argv = ['invoke', '--list']\n"
+            "try:\n"
+            "    runpy.run_module('invoke', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('kubernetes' in sys.modules, 'transitions' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert proc.stdout.strip().splitlines()[-1].split()[0] == "False"
