@@ -7,15 +7,13 @@ Onboarding output for several application shapes validates the same way; bad inp
 before anything reaches the API (the API emulator records every write). The gate runs against the
 emulator with scripted agents and probe pods.
 
-Live (`-m e2e`, a running lab): every matrix flow that has a trial is tried for real, its outcome
-and, for denied flows, its policy-DROPPED Hubble flow checked.
+The same matrix is tried for real, flow by flow, in tests/e2e/test_30_policy_matrix.py.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 
 from lab import logs
-from lab.config import load_config, parse_config
+from lab.config import parse_config
 from lab.errors import LabError
 from lab.onboard import (
     OnboardError,
@@ -832,42 +830,3 @@ def test_offline_trials_are_skipped(locked: tuple[StepContext, FakeCluster, Lock
     ctx, fake, _step = locked
     flow = next(f for f in MATRIX if f.trial is None)
     assert try_flow(ctx, flow, fake.exec).outcome == "skipped"
-
-
-# -- live: the matrix tried for real ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def live_ctx() -> StepContext:
-    cfg = load_config(os.environ.get("LAB_CONFIG"))
-    cluster = cfg.clusters[0]
-    store = StateStore(cfg.state_dir)
-    log = logs.get("e2e")
-    ctx = StepContext(cfg, cluster, store, store.load(cluster.name), Tools(None, log), log,
-                      Timeouts.from_env(), os.environ.get("LAB_KUBECONFIG"))
-    try:
-        ctx.kube.version()
-    except LabError as exc:
-        pytest.fail(f"the e2e suite needs a running lab at `locked` (`invoke lab.up`): {exc}")
-    return ctx
-
-
-@pytest.mark.e2e
-def test_e2e_gate_holds(live_ctx: StepContext) -> None:
-    verdict = live_ctx.wait_for(lambda: LockedStep().ready(live_ctx), 120, "the locked gate")
-    assert verdict.ready, verdict.explain()
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("flow", [f for f in MATRIX if f.trial], ids=str)
-def test_e2e_matrix_flow(live_ctx: StepContext, flow: Flow) -> None:
-    if flow.when == "mesh" and not live_ctx.lab.is_mesh:
-        pytest.skip("mesh-only flow")
-    exec_fn = kube_exec(live_ctx.kube)
-    assert exec_fn is not None
-    result = try_flow(live_ctx, flow, exec_fn)
-    if flow.expect == "denied" and flow.trial == "tcp" and result.hubble is None:
-        result = try_flow(live_ctx, flow, exec_fn)  # Hubble may lag the first attempt
-    assert result.outcome == flow.expect, result.detail
-    if flow.expect == "denied" and flow.trial == "tcp":
-        assert result.hubble is not None, f"no policy DROPPED flow in Hubble: {result.detail}"
-        assert result.hubble["reason"] in ("POLICY_DENIED", "POLICY_DENY")

@@ -1,0 +1,54 @@
+"""The default-deny policy matrix, each flow tried for real; denied TCP flows seen in Hubble."""
+
+from __future__ import annotations
+
+import pytest
+
+from lab import logs
+from lab.policies import MATRIX, Flow
+from lab.state import StateStore
+from lab.steps.base import StepContext, Timeouts
+from lab.steps.locked import LockedStep, kube_exec, try_flow
+from lab.tools import Tools
+from tests.e2e.conftest import E2ELab
+
+
+@pytest.fixture(scope="module")
+def live_ctx(e2e_lab: E2ELab) -> StepContext:
+    cfg = e2e_lab.cfg
+    cluster = cfg.clusters[0]
+    store = StateStore(cfg.state_dir)
+    log = logs.get("e2e")
+    return StepContext(cfg, cluster, store, store.load(cluster.name), Tools(None, log), log,
+                       Timeouts.from_env(), e2e_lab.kubeconfig)
+
+
+def test_locked_gate_holds(live_ctx: StepContext) -> None:
+    verdict = live_ctx.wait_for(lambda: LockedStep().ready(live_ctx), 120, "the locked gate")
+    assert verdict.ready, verdict.explain()
+
+
+@pytest.mark.parametrize("flow", [f for f in MATRIX if f.trial], ids=str)
+def test_matrix_flow(live_ctx: StepContext, flow: Flow) -> None:
+    if flow.when == "mesh" and not live_ctx.lab.is_mesh:
+        pytest.skip("mesh-only flow")
+    exec_fn = kube_exec(live_ctx.kube)
+    assert exec_fn is not None
+    result = try_flow(live_ctx, flow, exec_fn)
+    if flow.expect == "denied" and flow.trial == "tcp" and result.hubble is None:
+        result = try_flow(live_ctx, flow, exec_fn)  # Hubble may lag the first attempt
+    assert result.outcome == flow.expect, result.detail
+    if flow.expect == "denied" and flow.trial == "tcp":
+        assert result.hubble is not None, f"no policy DROPPED flow in Hubble: {result.detail}"
+        assert result.hubble["reason"] in ("POLICY_DENIED", "POLICY_DENY")
+
+
+def test_observe_dropped_through_the_relay(e2e_lab: E2ELab) -> None:
+    from lab.hubble import parse_flows
+
+    proc = e2e_lab.invoke("lab.hubble", "--observe", "--verdict", "DROPPED", "--no-follow",
+                          "--last", "200", "--output", "json", timeout=120)
+    flows = parse_flows(proc.stdout)
+    assert flows, "no DROPPED flow seen through hubble-relay"
+    assert all(f["verdict"] == "DROPPED" for f in flows)
+    assert any(f.get("drop_reason_desc") in ("POLICY_DENIED", "POLICY_DENY") for f in flows)
