@@ -1,0 +1,67 @@
+"""Wall-time figures (run with `nox -s bench` or `python -m tests.bench`). Prints, asserts nothing.
+
+- `invoke --list`: the cost of every task invocation before it does anything (goal ≤ 0.5 s).
+- a converged `lab.up --resume` against the API emulator and the fake tools: the cost of the
+  spine itself (probe every completed step, find nothing to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.conftest import LabEnv, ready_node, write_config
+from tests.support.emulator import KubeEmulator
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _time(cmd: list[str], runs: int, **kw: object) -> list[float]:
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, **kw)  # type: ignore[call-overload]
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def _fmt(name: str, samples: list[float]) -> str:
+    return (f"{name:<44} median {statistics.median(samples):6.3f}s  "
+            f"min {min(samples):6.3f}s  max {max(samples):6.3f}s  (n={len(samples)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=7, help="samples per figure")
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {}
+    results["invoke --list"] = _time([sys.executable, "-m", "invoke", "--list"], args.runs,
+                                     cwd=REPO)
+    with tempfile.TemporaryDirectory() as tmp, KubeEmulator() as emu:
+        root = Path(tmp)
+        fake = root / "fake"
+        fake.mkdir()
+        emu.put(ready_node("lab-control-plane"))
+        (fake / "apiservers.json").write_text(json.dumps({"lab": emu.url}))
+        lab = LabEnv(root=root, config=write_config(root / "lab.yaml"), fake_state=fake,
+                     kubeconfig=root / "kubeconfig", emulators={"lab": emu})
+        lab.run("lab.up", "--to", "cluster")
+        results["converged lab.up --resume --to cluster"] = _time(
+            lab.command("lab.up", "--resume", "--to", "cluster"), args.runs, cwd=root,
+            env=lab.env())
+        results["converged lab.up --to cluster (re-apply)"] = _time(
+            lab.command("lab.up", "--to", "cluster"), args.runs, cwd=root, env=lab.env())
+    print(f"kind-cilium-lab wall times on this machine ({sys.platform}, "
+          f"Python {sys.version.split()[0]}):")
+    for name, samples in results.items():
+        print("  " + _fmt(name, samples))
+
+
+if __name__ == "__main__":
+    main()
