@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -22,7 +24,7 @@ def lint(session: nox.Session) -> None:
     """ruff, and the GitHub workflows against their JSON schema (offline, bundled schema)."""
     session.install("ruff", "check-jsonschema")
     session.run("ruff", "check", ".")
-    workflows = sorted(str(p) for p in __import__("pathlib").Path(".github/workflows").glob("*.yml"))
+    workflows = sorted(str(p) for p in Path(".github/workflows").glob("*.yml"))
     if workflows:
         session.run("check-jsonschema", "--builtin-schema", "vendor.github-workflows", *workflows)
 

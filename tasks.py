@@ -1,6 +1,6 @@
 """Invoke entry point: `invoke --list`. Every task lives in the `lab` collection (lab/tasks.py)."""
 
-from invoke import Collection
+from invoke.collection import Collection
 
 from lab.tasks import namespace as lab
 

@@ -1,4 +1,5 @@
-"""Typed lab configuration: load YAML, allocate what the user left out, validate before any side effect.
+"""Typed lab configuration: load YAML, allocate what the user left out, validate it all
+before any side effect.
 
 A lab is one or more kind clusters. Everything that must differ between clusters (ids, CIDRs,
 LoadBalancer pool slices, host ports, NodePorts) is allocated deterministically from the cluster's
@@ -276,7 +277,8 @@ def _check_versions(r: _Reader, v: Versions) -> None:
     m = re.match(r"^kindest/node:v1\.(\d+)\.", v.node_image or "")
     if v.node_image and (not m or not 30 <= int(m.group(1)) <= 33):
         r.problem("versions.nodeImage", f"{v.node_image!r} is not Kubernetes 1.30-1.33",
-                  "Cilium 1.18 is tested on Kubernetes 1.30-1.33: pick a kindest/node image of those")
+                  "Cilium 1.18 is tested on Kubernetes 1.30-1.33: pick a kindest/node image "
+                  "of those")
     for key, value, pattern in (
         ("kind", v.kind, r"v\d+\.\d+\.\d+"), ("helm", v.helm, r"v3\.\d+\.\d+"),
         ("cilium", v.cilium, r"\d+\.\d+\.\d+"), ("ciliumCLI", v.cilium_cli, r"v\d+\.\d+\.\d+"),
@@ -396,7 +398,8 @@ def _check_clusters(r: _Reader, clusters: list[ClusterConfig]) -> None:
                       f"(also clusters[{seen_names[c.name]}])", "give every cluster its own name")
         seen_names.setdefault(c.name, c.index)
         if c.id in seen_ids:
-            r.problem(f"{where}.id", f"duplicate cluster id {c.id} (also clusters[{seen_ids[c.id]}])",
+            r.problem(f"{where}.id",
+                      f"duplicate cluster id {c.id} (also clusters[{seen_ids[c.id]}])",
                       "give every cluster a unique id from 1 to 255")
         seen_ids.setdefault(c.id, c.index)
         for field_name, port in (("gateway.httpHostPort", c.gateway.http_host_port),
@@ -422,14 +425,14 @@ def _check_clusters(r: _Reader, clusters: list[ClusterConfig]) -> None:
     nets: list[tuple[str, ipaddress.IPv4Network | ipaddress.IPv6Network]] = []
     for c in clusters:
         where = f"clusters[{c.index}]"
-        for key, value in (("podCIDR", c.pod_cidr), ("serviceCIDR", c.service_cidr),
-                           ("lbPool", c.lb_pool)):
+        for field_key, value in (("podCIDR", c.pod_cidr), ("serviceCIDR", c.service_cidr),
+                                 ("lbPool", c.lb_pool)):
             if not value:
                 continue
             net = ipaddress.ip_network(value)
             for other_where, other in nets:
                 if net.version == other.version and net.overlaps(other):
-                    r.problem(f"{where}.{key}", f"{value} overlaps {other} ({other_where})",
+                    r.problem(f"{where}.{field_key}", f"{value} overlaps {other} ({other_where})",
                               "pick non-overlapping ranges for every cluster's pods, services "
                               "and LoadBalancer pool")
-            nets.append((f"{where}.{key}", net))
+            nets.append((f"{where}.{field_key}", net))

@@ -70,7 +70,8 @@ def ensure_release(ctx: StepContext, release: HelmRelease,
             "--values", str(secret_path)]
     if not release.chart.startswith("oci://"):
         ctx.tools.run("helm", ["repo", "add", release.repo_name, release.repo_url,
-                               "--force-update"], doing=f"adding the {release.repo_name} chart repo")
+                               "--force-update"],
+                      doing=f"adding the {release.repo_name} chart repo")
     ctx.tools.run("helm", args, timeout=900,
                   doing=f"installing {release.release} {release.version}")
     ctx.log.info("helm.applied", release=release.release, version=release.version)

@@ -8,6 +8,7 @@ its import alone costs about half a second, which every ``invoke`` call would ot
 
 from __future__ import annotations
 
+import builtins
 import json
 import threading
 from collections.abc import Iterator
@@ -124,7 +125,7 @@ class KubeClient:
             from kubernetes import config as kconfig  # lazy: see module docstring
             from kubernetes.config.config_exception import ConfigException
             try:
-                self._api = kconfig.new_client_from_config(
+                self._api = kconfig.new_client_from_config(  # type: ignore[no-untyped-call]
                     config_file=self.kubeconfig, context=self.context, persist_config=False)
             except (ConfigException, OSError) as exc:
                 raise Unreachable(
@@ -276,12 +277,12 @@ class KubeClient:
         except NotFound:
             return False
 
-    def exec(self, namespace: str, pod: str, command: list[str], container: str | None = None,
-             timeout: float = 30.0) -> ExecResult:
+    def exec(self, namespace: str, pod: str, command: builtins.list[str],
+             container: str | None = None, timeout: float = 30.0) -> ExecResult:
         """Run a command in a pod (the API's exec subresource over a websocket)."""
         return _exec(self, namespace, pod, command, container, timeout)
 
-    def exec_stream(self, namespace: str, pod: str, command: list[str],
+    def exec_stream(self, namespace: str, pod: str, command: builtins.list[str],
                     container: str | None = None) -> Iterator[str]:
         """Run a command in a pod and yield its output as it arrives (e.g. a followed log)."""
         return _exec_stream(self, namespace, pod, command, container)

@@ -23,7 +23,7 @@ class PoolError(LabError):
 
 
 def ipv4_subnet(subnets: Sequence[str], network_name: str) -> IPv4Net:
-    """The IPv4 subnet of a Docker network (kind's network is dual-stack; L2 announcements are IPv4)."""
+    """The IPv4 subnet of a Docker network (kind's is dual-stack; L2 announcements are IPv4)."""
     v4 = [ipaddress.ip_network(s, strict=False) for s in subnets
           if ipaddress.ip_network(s, strict=False).version == 4]
     if not v4:
@@ -60,7 +60,7 @@ def derive_pools(clusters: Sequence[ClusterConfig], subnets: Sequence[str],
     for c in clusters:
         if c.lb_pool:
             pool = ipaddress.ip_network(c.lb_pool)
-            if pool.version != 4 or not pool.subnet_of(network):  # type: ignore[arg-type]
+            if not isinstance(pool, ipaddress.IPv4Network) or not pool.subnet_of(network):
                 raise PoolError(
                     f"clusters[{c.index}].lbPool {pool} of cluster {c.name!r} is outside the "
                     f"Docker network {network_name!r} ({network}): the host and the other "

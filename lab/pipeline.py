@@ -8,7 +8,7 @@ moves on, its own gate and the gates of every earlier state must hold.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from transitions import Machine
@@ -24,6 +24,7 @@ class ClusterPipeline:
     """The model the machine drives for one cluster."""
 
     state: str  # set by transitions
+    advance: Callable[[], bool]  # the ordered-transitions trigger, added by transitions
 
     def __init__(self, ctx: StepContext, steps: Mapping[str, Step], progress: Progress) -> None:
         self.ctx = ctx
@@ -98,8 +99,9 @@ class ClusterPipeline:
                 except LabError:
                     raise
                 except Exception as exc:  # wrap with what was being done
-                    raise StepFailed(f"{step.title} failed: {exc!r}",
-                                     "see the log above; then run `invoke lab.up --resume`") from exc
+                    raise StepFailed(
+                        f"{step.title} failed: {exc!r}",
+                        "see the log above; then run `invoke lab.up --resume`") from exc
                 for gate_name in STATES[1:STATES.index(name) + 1]:
                     gate = self.steps[gate_name]
                     verdict = self.ctx.wait_for(lambda g=gate: g.ready(self.ctx),  # type: ignore[misc]

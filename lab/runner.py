@@ -18,8 +18,8 @@ from lab.config import ClusterConfig, LabConfig
 from lab.errors import LabError
 from lab.pipeline import ClusterPipeline
 from lab.state import STATES, Record, StateStore
-from lab.steps.registry import STEPS, implemented_states
 from lab.steps.base import Rendered, StepContext, Timeouts, Verdict, dump_yaml
+from lab.steps.registry import STEPS, implemented_states
 from lab.tools import Tools
 from lab.ui import Progress
 
@@ -62,7 +62,7 @@ class Lab:
                            self.log.bind(cluster=cluster.name), self.timeouts,
                            self.kubeconfig, dry_run)
 
-    # -- up -----------------------------------------------------------------------------------------
+    # -- up --------------------------------------------------------------------------------------
 
     def up(self, target: str | None = None, resume: bool = False,
            clusters: list[str] | None = None) -> None:
@@ -136,7 +136,7 @@ class Lab:
                 pipe.step_back(previous, f"`{name}` no longer holds ({verdict.explain()})")
                 return
 
-    # -- plan (--dry-run) --------------------------------------------------------------------------
+    # -- plan (--dry-run) ------------------------------------------------------------------------
 
     def plan(self, target: str | None = None, resume: bool = False) -> list[dict[str, Any]]:
         """What `lab.up` would do, from the records alone. Changes nothing."""
@@ -159,7 +159,7 @@ class Lab:
                 })
         return out
 
-    # -- status -------------------------------------------------------------------------------------
+    # -- status ----------------------------------------------------------------------------------
 
     def status(self, live: bool = True) -> list[dict[str, Any]]:
         rows = []
@@ -195,7 +195,7 @@ class Lab:
             rows.append(row)
         return rows
 
-    # -- render -------------------------------------------------------------------------------------
+    # -- render ----------------------------------------------------------------------------------
 
     def render(self, out: Path) -> list[Path]:
         """Everything the lab would apply, per cluster, without Docker or a cluster."""
@@ -214,7 +214,7 @@ class Lab:
                                           dump_yaml(rendered.objects)))
         return written
 
-    # -- down ---------------------------------------------------------------------------------------
+    # -- down ------------------------------------------------------------------------------------
 
     def down(self, clusters: list[str] | None = None) -> list[str]:
         chosen = [self.cfg.cluster(n) for n in clusters] if clusters else list(self.cfg.clusters)

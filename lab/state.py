@@ -1,4 +1,5 @@
-"""The persisted record of each cluster: small, readable JSON, written atomically, guarded by a lock.
+"""The persisted record of each cluster: small, readable JSON, written atomically,
+guarded by a lock.
 
 Layout under the state directory::
 
@@ -136,8 +137,9 @@ class StateStore:
         try:
             record = Record.from_json(data)
         except (KeyError, TypeError) as exc:
-            raise StateError(f"the state record {path} is corrupt (missing {exc})",
-                             f"remove it (`rm {path}`) and run `invoke lab.up` to re-detect") from exc
+            raise StateError(
+                f"the state record {path} is corrupt (missing {exc})",
+                f"remove it (`rm {path}`) and run `invoke lab.up` to re-detect") from exc
         if record.state not in STATES:
             raise StateError(f"the state record {path} names unknown state {record.state!r}",
                              f"remove it (`rm {path}`) and run `invoke lab.up` to re-detect")

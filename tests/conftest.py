@@ -31,7 +31,7 @@ def upstream_dir() -> Path:
     return Path(os.environ.get("LAB_UPSTREAM_DIR", REPO.parent / "shared" / "upstream"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parsed_crds(folder: str) -> tuple[dict[str, Any], ...]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     docs: list[dict[str, Any]] = []

@@ -119,7 +119,7 @@ def test_cached_crds_are_verified_and_a_tampered_cache_is_refetched(
 
 @pytest.fixture
 def cni_emulator(tmp_path: Path) -> Iterator[tuple[KubeEmulator, StepContext]]:
-    up = require_upstream()
+    require_upstream()
     with KubeEmulator() as emu:
         load_upstream_crds(emu, "cilium-1.18.4/crds")
         for obj in objects.cni_ready(["lab-control-plane"]):
@@ -210,7 +210,7 @@ def test_gate_timeout_names_the_failing_conditions(
     assert "lab.up --resume" in err.value.hint
 
 
-# -- the whole step through the real tasks, fake helm, emulator -------------------------------------
+# -- the whole step through the real tasks, fake helm, emulator ---------------------------------
 
 def _seed_cni(lab_env: LabEnv) -> None:
     """The fake helm 'installs' the chart as ready objects; the CRD cache holds the pinned files."""

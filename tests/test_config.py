@@ -1,4 +1,5 @@
-"""Config: the shipped files load; bad configs are refused before any side effect, field by field."""
+"""Config: the shipped files load; bad configs are refused before any side effect, field by
+field."""
 
 from __future__ import annotations
 

@@ -12,8 +12,14 @@ import pytest
 from lab.config import load_config
 from lab.state import Record, StateStore, Transition
 from tests.conftest import FAKE_BIN, load_upstream_crds, write_config
-from tests.e2e.helpers import collect_diagnostics, http_get, summarize_flow, timings, \
-    timings_table, write_timings
+from tests.e2e.helpers import (
+    collect_diagnostics,
+    http_get,
+    summarize_flow,
+    timings,
+    timings_table,
+    write_timings,
+)
 from tests.support import objects
 from tests.support.emulator import KubeEmulator
 from tests.support.upstream import require_upstream
@@ -57,7 +63,7 @@ def test_http_get_sends_the_host_header() -> None:
     seen: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             seen.append(self.headers["Host"])
             self.send_response(200)
             self.end_headers()

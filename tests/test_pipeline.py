@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import yaml
 
@@ -20,7 +21,7 @@ def test_up_to_cluster_creates_records_and_exports_kubeconfig(lab_env: LabEnv) -
     assert len(creates) == 1
     argv = creates[0]
     assert argv[argv.index("--name") + 1] == "lab"
-    kind_cfg = yaml.safe_load(open(argv[argv.index("--config") + 1]).read())
+    kind_cfg = yaml.safe_load(Path(argv[argv.index("--config") + 1]).read_text())
     assert kind_cfg["networking"] == {"disableDefaultCNI": True, "kubeProxyMode": "none",
                                       "podSubnet": "10.244.0.0/16",
                                       "serviceSubnet": "10.96.0.0/16"}

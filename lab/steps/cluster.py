@@ -68,9 +68,8 @@ class ClusterStep:
         ctx.tools.require("docker")
         rendered = self.render(ctx)
         cfg_path = ctx.write_file(KIND_CONFIG_FILE, rendered.files[KIND_CONFIG_FILE])
-        if self._exists(ctx):
-            if self._adopt(ctx):
-                return
+        if self._exists(ctx) and self._adopt(ctx):
+            return
         ctx.log.info("cluster.create", config=str(cfg_path))
         ctx.tools.run("kind", ["create", "cluster", "--name", name, "--config", str(cfg_path)],
                       timeout=900, doing=f"creating kind cluster {name!r}")

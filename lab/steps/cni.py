@@ -149,7 +149,7 @@ class CniStep:
         cache = ctx.lab.state_dir / "cache" / f"gateway-api-{version}"
         cache.mkdir(parents=True, exist_ok=True)
         base = GATEWAY_API_BASE.format(version=version)
-        docs = []
+        docs: list[dict[str, Any]] = []
         for name, digest in gateway_api_crds(version):
             path = cache / name
             data = path.read_bytes() if path.exists() else None

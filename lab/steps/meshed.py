@@ -46,7 +46,8 @@ def expected_peers(ctx: StepContext) -> list[str]:
 
 def node_address(ctx: StepContext, node: str) -> str:
     """The node container's IPv4 address on the lab's Docker network."""
-    res = ctx.tools.run("docker", ["inspect", node, "--format", "{{json .NetworkSettings.Networks}}"],
+    res = ctx.tools.run("docker",
+                        ["inspect", node, "--format", "{{json .NetworkSettings.Networks}}"],
                         doing=f"reading the address of {node}")
     networks = json.loads(res.stdout or "{}")
     address = (networks.get(ctx.lab.docker_network) or {}).get("IPAddress")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lab.state import STATES
 from lab.steps.base import Step
-from lab.steps.cluster import ClusterStep
 from lab.steps.certs import CertsStep
+from lab.steps.cluster import ClusterStep
 from lab.steps.cni import CniStep
 from lab.steps.gateway import GatewayStep
 from lab.steps.locked import LockedStep

@@ -22,8 +22,13 @@ import pytest
 import yaml
 
 from lab.config import LabConfig, load_config
-from tests.e2e.helpers import artifacts_dir, collect_diagnostics, timings, timings_table, \
-    write_timings
+from tests.e2e.helpers import (
+    artifacts_dir,
+    collect_diagnostics,
+    timings,
+    timings_table,
+    write_timings,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 

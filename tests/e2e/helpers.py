@@ -9,7 +9,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from lab.errors import LabError
 from lab.hubble import ObserveFilter, observe_command, parse_flows, ready_pod
 from lab.kube import KubeClient
 from lab.state import StateStore
-
 
 # -- timings --------------------------------------------------------------------------------------
 
@@ -156,7 +154,7 @@ def http_get(address: str, port: int, host: str, path: str = "/",
         conn.request("GET", path, headers={"Host": f"{host}:{port}"})
         resp = conn.getresponse()
         return resp.status, resp.read(512).decode(errors="replace")
-    except (OSError, socket.timeout, http.client.HTTPException) as exc:
+    except (TimeoutError, OSError, http.client.HTTPException) as exc:
         return 0, str(exc)
     finally:
         conn.close()
