@@ -72,10 +72,10 @@ def test_kill_inside_cluster_step_then_resume_converges(lab_env: LabEnv) -> None
     assert list(kind_clusters.get("clusters", kind_clusters)) == ["lab"]
 
 
-def test_kill_between_steps_then_resume_converges(lab_env: LabEnv) -> None:
+def test_kill_during_a_rerun_then_resume_converges(lab_env: LabEnv) -> None:
     lab_env.run("lab.up", "--to", "cluster")
     creates = len(lab_env.calls("kind", "create"))
-    # A second run killed right after it re-checked the cluster step.
+    # A second run killed while it re-applies the completed cluster step.
     proc = lab_env.start("lab.up", "--to", "cluster", LAB_FAKE_SLEEP="kind:export=30")
     try:
         lab_env.wait_for_call("kind", ["export"])
