@@ -306,3 +306,30 @@ def test_render_writes_values_and_crd_sources(tmp_path: Path) -> None:
     assert len(sources["crds"]) == 6 and sources["channel"] == "standard"
     assert (tmp_path / "out/lab/kind.yaml").exists()
     assert upstream_dir  # the folder is optional for render
+
+
+def test_kill_at_the_step_boundary_then_resume_converges(lab_env: LabEnv) -> None:
+    """Killed the moment the record shows `cluster` done and `cni` started: between steps."""
+    import time
+
+    _seed_cni(lab_env)
+    record = lab_env.state_dir / "clusters" / "lab.json"
+    proc = lab_env.start("lab.up", "--to", "cni", LAB_FAKE_SLEEP="helm:repo=5")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if record.exists():
+                rec = json.loads(record.read_text())
+                if rec["state"] == "cluster" and rec["history"][-1]["transition"] == "cni":
+                    break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("the cni transition never started")
+    finally:
+        lab_env.kill(proc)
+    assert lab_env.record()["history"][-1]["outcome"] == "running"
+    lab_env.run("lab.up", "--resume", "--to", "cni")
+    rec = lab_env.record()
+    assert rec["state"] == "cni"
+    assert [t["outcome"] for t in rec["history"]] == ["ok", "interrupted", "ok"]
+    assert len(lab_env.calls("kind", "create")) == 1
