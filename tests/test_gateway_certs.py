@@ -802,10 +802,6 @@ def test_listener_split_survives_reapplying_either_step(tmp_path: Path, fake_sta
     ctx.kube.apply(gateway_https_object(), field_manager=CERTS_FIELD_MANAGER)
     listeners = stored(emu, GATEWAY_API, "Gateway", GATEWAY_NAME, GATEWAY_NAMESPACE)["spec"][
         "listeners"]
-    if [lst["name"] for lst in listeners] == ["https"]:
-        pytest.xfail("the API emulator treats lists as atomic in server-side apply "
-                     "(tests/support/emulator.py `_leaf_paths`); a real API server merges "
-                     "`x-kubernetes-list-type: map` lists per key")
     assert sorted(lst["name"] for lst in listeners) == ["http", "https"]
     GatewayStep().apply(ctx)
     listeners = stored(emu, GATEWAY_API, "Gateway", GATEWAY_NAME, GATEWAY_NAMESPACE)["spec"][

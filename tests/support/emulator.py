@@ -15,6 +15,14 @@ CustomResourceDefinitions (created through the API, ``put`` or ``load_crds``), t
 subresource, label and field selectors, merge/strategic/JSON patches and server-side apply with
 per-manager field ownership, metadata.finalizers, and ``Status`` error bodies.
 
+Server-side apply merges lists by their schema's list type, as a real server does: a CRD's
+``openAPIV3Schema`` for the served version, or for built-in kinds ``BUILTIN_APPLY_SCHEMAS`` (the
+well-known map lists: containers, env, ports, volumes, conditions, ...). Items of
+``x-kubernetes-list-type: map`` lists are owned per key (managedFields say
+``k:{"name":"http"}``), ``set`` items per value (``v:"x"``), other lists (and
+``x-kubernetes-map-type: atomic`` maps) are one field replaced whole. Values two appliers apply
+alike are co-owned, and stay until neither applies them.
+
 Pods' ``exec`` and ``portforward`` subresources are served over WebSocket (RFC 6455, the
 ``v5.channel.k8s.io``/``v4.channel.k8s.io`` channel protocols that ``kubernetes.stream.stream``
 and ``kubernetes.stream.portforward`` speak); what runs is up to the test::
@@ -25,8 +33,10 @@ and ``kubernetes.stream.portforward`` speak); what runs is up to the test::
 Not served: authentication/authorization (any token is accepted), schema validation, defaulting
 and pruning, conversion between CRD versions (the stored object is served under every version),
 admission webhooks, owner-reference garbage collection, ``scale``/``log``/``attach``
-subresources, SPDY streaming, Table output, protobuf/CBOR, and apply conflicts with ``Update``
-managers.
+subresources, SPDY streaming, Table output, protobuf/CBOR, apply conflicts with ``Update``
+managers (their fields are not tracked), and the exact item order of a merged list (here items
+already there keep their place and new ones are appended; a real server follows the applied
+order for the items it names).
 """
 
 from __future__ import annotations
@@ -60,6 +70,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 __all__ = [
+    "BUILTIN_APPLY_SCHEMAS",
     "BUILTIN_RESOURCES",
     "ApiError",
     "ExecCall",
@@ -258,6 +269,8 @@ class ApiError(Exception):
         body: JSON = {"kind": "Status", "apiVersion": "v1", "metadata": {},
                       "status": "Failure", "message": self.message, "reason": self.reason,
                       "code": self.code}
+        if not self.reason:  # StatusReasonUnknown: left out, as a real server does
+            del body["reason"]
         if self.details is not None:
             body["details"] = self.details
         return body
@@ -530,26 +543,210 @@ def json_patch(doc: Any, operations: Any) -> Any:
     return doc
 
 
-# -- server-side apply field sets -----------------------------------------------------------------
+# -- server-side apply: schemas -------------------------------------------------------------------
+#
+# Server-side apply merges by the schema. A list is atomic (one field, replaced whole) unless the
+# schema says ``x-kubernetes-list-type: map`` (items merged and owned by the values of their
+# ``x-kubernetes-list-map-keys``) or ``set`` (scalar items owned one by one); a map is granular
+# unless ``x-kubernetes-map-type: atomic``. Schemas are OpenAPI v3 nodes: a CRD's
+# ``openAPIV3Schema``, or for built-in kinds the small tables below (what Kubernetes declares,
+# where it differs from those defaults). ``{}`` is a field with no schema: maps granular, lists
+# atomic, as a real server deduces for fields it has no type for.
 
-def _leaf_paths(value: Any, prefix: FieldPath = ()) -> set[FieldPath]:
-    """Paths to the leaves of nested maps; lists and empty maps are leaves."""
-    if not isinstance(value, dict) or not value:
-        return {prefix} if prefix else set()
-    paths: set[FieldPath] = set()
-    for key, child in value.items():
-        paths |= _leaf_paths(child, (*prefix, key))
-    return paths
+Schema = JSON
+
+
+def _struct(**fields: Schema) -> Schema:
+    return {"type": "object", "properties": fields}
+
+
+def _map_list(*keys: str, item: Schema | None = None,
+              defaults: dict[str, Any] | None = None) -> Schema:
+    """A list merged by ``keys``; ``defaults``: values a key takes when an item leaves it out."""
+    items: Schema = dict(item or {"type": "object"})
+    if defaults:
+        items["properties"] = {**(items.get("properties") or {}),
+                               **{k: {"default": v} for k, v in defaults.items()}}
+    return {"type": "array", "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": list(keys), "items": items}
+
+
+_ATOMIC_MAP: Schema = {"type": "object", "x-kubernetes-map-type": "atomic"}
+_SET: Schema = {"type": "array", "x-kubernetes-list-type": "set"}
+_CONDITIONS = _map_list("type")
+_OBJECT_META = _struct(ownerReferences=_map_list("uid"), finalizers=_SET,
+                       managedFields={"type": "array", "x-kubernetes-list-type": "atomic"})
+_CONTAINER = _struct(
+    ports=_map_list("containerPort", "protocol", defaults={"protocol": "TCP"}),
+    env=_map_list("name"), volumeMounts=_map_list("mountPath"),
+    volumeDevices=_map_list("devicePath"))
+_POD_SPEC = _struct(
+    containers=_map_list("name", item=_CONTAINER),
+    initContainers=_map_list("name", item=_CONTAINER),
+    ephemeralContainers=_map_list("name", item=_CONTAINER),
+    volumes=_map_list("name"), imagePullSecrets=_map_list("name"), hostAliases=_map_list("ip"),
+    topologySpreadConstraints=_map_list("topologyKey", "whenUnsatisfiable"),
+    resourceClaims=_map_list("name"), schedulingGates=_map_list("name"),
+    nodeSelector=_ATOMIC_MAP)
+_WORKLOAD = _struct(
+    spec=_struct(selector=_ATOMIC_MAP,  # a LabelSelector is an atomic struct
+                 template=_struct(metadata=_OBJECT_META, spec=_POD_SPEC)),
+    status=_struct(conditions=_CONDITIONS))
+_WEBHOOKS = _struct(webhooks=_map_list("name"))
+BUILTIN_APPLY_SCHEMAS: dict[tuple[str, str], Schema] = {
+    ("", "pods"): _struct(spec=_POD_SPEC, status=_struct(
+        conditions=_CONDITIONS, podIPs=_map_list("ip"),
+        resourceClaimStatuses=_map_list("name"))),
+    ("", "services"): _struct(
+        spec=_struct(ports=_map_list("port", "protocol", defaults={"protocol": "TCP"}),
+                     selector=_ATOMIC_MAP),
+        status=_struct(conditions=_CONDITIONS)),
+    ("", "nodes"): _struct(spec=_struct(podCIDRs=_SET),
+                           status=_struct(conditions=_CONDITIONS, addresses=_map_list("type"))),
+    ("", "namespaces"): _struct(status=_struct(conditions=_CONDITIONS)),
+    ("apps", "deployments"): _WORKLOAD,
+    ("apps", "daemonsets"): _WORKLOAD,
+    ("apps", "statefulsets"): _WORKLOAD,
+    ("apps", "replicasets"): _WORKLOAD,
+    CRD_KEY: _struct(status=_struct(conditions=_CONDITIONS)),
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations"): _WEBHOOKS,
+    ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"): _WEBHOOKS,
+}
+"""The list and map types server-side apply uses for built-in kinds (by group and plural), on
+top of ``metadata`` (ObjectMeta's, for every kind); every other list is atomic."""
+
+
+def _field_schema(schema: Schema, name: str) -> Schema:
+    properties = schema.get("properties")
+    if isinstance(properties, dict) and isinstance(properties.get(name), dict):
+        return properties[name]  # type: ignore[no-any-return]
+    extra = schema.get("additionalProperties")
+    return extra if isinstance(extra, dict) else {}
+
+
+def _items_schema(schema: Schema) -> Schema:
+    items = schema.get("items")
+    return items if isinstance(items, dict) else {}
+
+
+def _map_is_atomic(schema: Schema) -> bool:
+    return schema.get("x-kubernetes-map-type") == "atomic"
+
+
+def _list_kind(schema: Schema, items: list[Any]) -> str:
+    """"map", "set" or "atomic" (also when the items do not fit the declared type)."""
+    declared = schema.get("x-kubernetes-list-type")
+    if (declared == "map" and schema.get("x-kubernetes-list-map-keys")
+            and all(isinstance(i, dict) for i in items)):
+        return "map"
+    if declared == "set" and not any(isinstance(i, (dict, list)) for i in items):
+        return "set"
+    return "atomic"
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _item_token(item: Any, schema: Schema) -> str | None:
+    """How a field path names an item of a map list (``k:{"name":"http"}``, key fields left out
+    of the item taking their schema default) or of a set (``v:"x"``); None if it has no key."""
+    if schema.get("x-kubernetes-list-type") == "set":
+        return None if isinstance(item, (dict, list)) else "v:" + _compact(item)
+    if not isinstance(item, dict):
+        return None
+    properties = _items_schema(schema).get("properties") or {}
+    key: JSON = {}
+    for name in schema.get("x-kubernetes-list-map-keys") or []:
+        if name in item:
+            key[name] = item[name]
+        elif isinstance(properties.get(name), dict) and "default" in properties[name]:
+            key[name] = properties[name]["default"]
+    return "k:" + _compact(key)
+
+
+# -- server-side apply: field sets ----------------------------------------------------------------
+#
+# A field path is a tuple of managedFields tokens: ``f:<field>`` (a map field), ``k:<json key>``
+# (a map-list item), ``v:<json value>`` (a set item), ``i:<index>`` (from real servers only).
+
+def _field_set(value: Any, schema: Schema, prefix: FieldPath = ()) -> set[FieldPath]:
+    """The fields an applied value sets: its leaves (scalars, nulls, empty maps, atomic lists and
+    maps), plus each item of a map or set list (and, below a map-list item, its fields)."""
+    if isinstance(value, dict) and value and not _map_is_atomic(schema):
+        paths: set[FieldPath] = set()
+        for name, child in value.items():
+            paths |= _field_set(child, _field_schema(schema, name), (*prefix, f"f:{name}"))
+        return paths
+    if isinstance(value, list) and (kind := _list_kind(schema, value)) != "atomic":
+        paths = set()
+        for item in value:
+            path = (*prefix, str(_item_token(item, schema)))
+            paths.add(path)
+            if kind == "map":
+                paths |= _field_set(item, _items_schema(schema), path)
+        return paths  # an empty map or set list sets nothing
+    return {prefix} if prefix else set()
+
+
+def _duplicates(value: Any, schema: Schema, prefix: FieldPath = ()) -> builtins.list[str]:
+    """What a real server refuses in an applied object: two items with one key in a map list, or
+    one value twice in a set."""
+    errors: builtins.list[str] = []
+    if isinstance(value, dict) and not _map_is_atomic(schema):
+        for name, child in value.items():
+            errors += _duplicates(child, _field_schema(schema, name), (*prefix, f"f:{name}"))
+    elif isinstance(value, list) and (kind := _list_kind(schema, value)) != "atomic":
+        seen: set[str] = set()
+        for item in value:
+            token = str(_item_token(item, schema))
+            if token in seen:
+                errors.append(f"{_path_text(prefix)}: duplicate entries for key "
+                              f"{_path_text((token,))}")
+            seen.add(token)
+            if kind == "map":
+                errors += _duplicates(item, _items_schema(schema), (*prefix, token))
+    return errors
+
+
+def _path_text(path: FieldPath) -> str:
+    """A field path as apply conflicts print it: ``.spec.listeners[name="http"].port``."""
+    text = ""
+    for token in path:
+        kind, rest = token[:2], token[2:]
+        if kind == "k:":
+            try:
+                key = json.loads(rest)
+            except ValueError:
+                key = None
+            text += ("[" + ",".join(f"{k}={_compact(v)}" for k, v in key.items()) + "]"
+                     if isinstance(key, dict) else f"[{rest}]")
+        elif kind == "v:":
+            text += f"[={rest}]"
+        elif kind == "i:":
+            text += f"[{rest}]"
+        else:
+            text += "." + rest
+    return text
 
 
 def _fields_v1(paths: Iterable[FieldPath]) -> JSON:
-    """Encode paths the way managedFields do: {"f:spec": {"f:replicas": {}}}."""
-    root: JSON = {}
-    for path in sorted(paths):
-        node = root
-        for part in path:
-            node = node.setdefault(f"f:{part}", {})
-    return root
+    """Encode paths the way managedFields do: {"f:spec": {"f:listeners": {"k:{\\"name\\":
+    \\"http\\"}": {".": {}, "f:name": {}}}}} ("." marks a member that also has members below)."""
+    members = set(paths)
+    tree: JSON = {}
+    for path in members:
+        node = tree
+        for token in path:
+            node = node.setdefault(token, {})
+
+    def encode(node: JSON, prefix: FieldPath) -> JSON:
+        out: JSON = {".": {}} if node and prefix in members else {}
+        for token in sorted(node):
+            out[token] = encode(node[token], (*prefix, token))
+        return out
+
+    return encode(tree, ())
 
 
 def _paths_from_fields_v1(fields: Any, prefix: FieldPath = ()) -> set[FieldPath]:
@@ -557,43 +754,101 @@ def _paths_from_fields_v1(fields: Any, prefix: FieldPath = ()) -> set[FieldPath]
         return set()
     paths: set[FieldPath] = set()
     for key, child in fields.items():
-        if not key.startswith("f:"):
-            continue  # ".", "k:{...}" and "v:..." entries (from real servers) are not tracked
-        path = (*prefix, key[2:])
-        below = _paths_from_fields_v1(child, path)
-        paths |= below or {path}
+        if key == "." and prefix:
+            paths.add(prefix)
+        elif key[:2] in ("f:", "k:", "v:", "i:"):
+            path = (*prefix, key)
+            below = _paths_from_fields_v1(child, path)
+            paths |= below or {path}
     return paths
 
 
-def _get_path(obj: Any, path: FieldPath) -> Any:
-    for part in path:
-        obj = obj.get(part) if isinstance(obj, dict) else None
+def _item_index(items: builtins.list[Any], token: str, schema: Schema) -> int | None:
+    if token.startswith("i:"):
+        index = int(token[2:]) if token[2:].isdigit() else len(items)
+        return index if index < len(items) else None
+    return next((n for n, item in enumerate(items) if _item_token(item, schema) == token), None)
+
+
+def _child(value: Any, token: str, schema: Schema) -> tuple[Any, Schema] | None:
+    """One step down a field path: the value there and its schema; None when there is none."""
+    if token.startswith("f:"):
+        if isinstance(value, dict) and token[2:] in value:
+            return value[token[2:]], _field_schema(schema, token[2:])
+    elif isinstance(value, list):
+        index = _item_index(value, token, schema)
+        if index is not None:
+            return value[index], _items_schema(schema)
+    return None
+
+
+def _get_path(obj: Any, path: FieldPath, schema: Schema) -> Any:
+    for token in path:
+        step = _child(obj, token, schema)
+        if step is None:
+            return None
+        obj, schema = step
     return obj
 
 
-def _delete_path(obj: JSON, path: FieldPath) -> None:
-    """Remove a leaf, then the maps it leaves empty (but never a top-level field)."""
-    parents: list[JSON] = [obj]
-    for part in path[:-1]:
-        child = parents[-1].get(part)
-        if not isinstance(child, dict):
+def _delete_path(obj: JSON, path: FieldPath, schema: Schema) -> None:
+    """Remove a field or a list item (every item with that key), then the maps and lists that
+    leaves empty (but never a top-level field, nor a list item)."""
+    chain: builtins.list[tuple[Any, Schema]] = [(obj, schema)]
+    for token in path[:-1]:
+        step = _child(chain[-1][0], token, chain[-1][1])
+        if step is None:
             return
-        parents.append(child)
-    parents[-1].pop(path[-1], None)
-    for depth in range(len(parents) - 1, 1, -1):
-        if parents[depth]:
+        chain.append(step)
+    parent, parent_schema = chain[-1]
+    last = path[-1]
+    if len(chain) > 1 and isinstance(chain[-2][0], list) and last[2:] in (
+            chain[-2][1].get("x-kubernetes-list-map-keys") or ()):
+        return  # a key field goes with its item, never alone
+    if isinstance(parent, dict) and last.startswith("f:"):
+        parent.pop(last[2:], None)
+    elif isinstance(parent, list) and last.startswith("i:"):
+        index = _item_index(parent, last, parent_schema)
+        if index is not None:
+            del parent[index]
+    elif isinstance(parent, list):
+        parent[:] = [i for i in parent if _item_token(i, parent_schema) != last]
+    else:
+        return
+    for depth in range(len(chain) - 1, 1, -1):
+        holder = chain[depth - 1][0]
+        if chain[depth][0] or not isinstance(holder, dict):
             break
-        parents[depth - 1].pop(path[depth - 1], None)
+        holder.pop(path[depth - 1][2:], None)
 
 
-def _deep_merge(target: JSON, source: JSON) -> None:
-    for key, value in source.items():
-        if value is None:
-            target.pop(key, None)
-        elif isinstance(value, dict) and isinstance(target.get(key), dict):
-            _deep_merge(target[key], value)
-        else:
-            target[key] = copy.deepcopy(value)
+def _merge_applied(live: Any, applied: Any, schema: Schema) -> Any:
+    """``applied`` merged into ``live`` as server-side apply merges: granular maps field by field
+    (a null removes the field), map lists item by item by key and sets value by value (items
+    already there keep their place, new ones are appended), anything else replaced. ``live`` is
+    changed in place; the result is returned."""
+    if isinstance(applied, dict) and isinstance(live, dict) and not _map_is_atomic(schema):
+        for name, value in applied.items():
+            if value is None:
+                live.pop(name, None)
+            else:
+                live[name] = _merge_applied(live.get(name), value, _field_schema(schema, name))
+        return live
+    if isinstance(applied, list) and isinstance(live, list):
+        kind = _list_kind(schema, applied)
+        if kind != "atomic" and _list_kind(schema, live) == kind:
+            for item in applied:
+                token = _item_token(item, schema)
+                found = [n for n, old in enumerate(live) if _item_token(old, schema) == token]
+                if not found:
+                    live.append(copy.deepcopy(item))
+                elif kind == "map" and len(found) == 1:
+                    live[found[0]] = _merge_applied(live[found[0]], item, _items_schema(schema))
+                elif kind == "map":  # duplicates in the live list: the applied item replaces them
+                    live[found[0]] = copy.deepcopy(item)
+                    live[:] = [old for n, old in enumerate(live) if n not in found[1:]]
+            return live
+    return copy.deepcopy(applied)
 
 
 # -- records --------------------------------------------------------------------------------------
@@ -1167,11 +1422,29 @@ class KubeEmulator:
         return _Reply(200, self._present(rt, updated),
                       writes=[] if dry_run else [("patch", self._present(rt, updated))])
 
+    def _apply_schema(self, rt: ResourceType) -> Schema:
+        """The schema apply merges ``rt``'s objects by: the CRD's ``openAPIV3Schema`` for the
+        served version (custom kinds) or ``BUILTIN_APPLY_SCHEMAS``, with ObjectMeta's metadata."""
+        schema: Any = {}
+        if rt.custom:
+            crd = self._objects.get((*CRD_KEY, "", f"{rt.plural}.{rt.group}")) or {}
+            for version in (crd.get("spec") or {}).get("versions") or []:
+                if isinstance(version, dict) and version.get("name") == rt.version:
+                    schema = (version.get("schema") or {}).get("openAPIV3Schema") or {}
+        else:
+            schema = BUILTIN_APPLY_SCHEMAS.get(rt.storage_key, {})
+        if not isinstance(schema, dict):
+            schema = {}
+        properties = schema.get("properties")
+        return {**schema, "properties": {**(properties if isinstance(properties, dict) else {}),
+                                         "metadata": _OBJECT_META}}
+
     def _apply(self, rt: ResourceType, namespace: str | None, name: str, raw: bytes,
                query: dict[str, str], subresource: str | None) -> _Reply:
-        """Server-side apply: merge the applied fields in; drop the fields this manager applied
-        last time but not now (unless another applier owns them); 409 on a differing value owned
-        by another applier unless ``force``."""
+        """Server-side apply: merge the applied fields in (lists by their schema's list type:
+        see ``_merge_applied``); drop the fields (and map/set list items) this manager applied
+        last time but not now, unless another applier owns them; 409 on a differing value owned
+        by another applier unless ``force``. Values two appliers both set alike are co-owned."""
         manager = query.get("fieldManager")
         if not manager:
             raise _bad_request("fieldManager is required for apply requests")
@@ -1192,7 +1465,14 @@ class KubeEmulator:
             meta_fields = {k: v for k, v in ameta.items() if k not in SERVER_METADATA}
             if meta_fields:
                 content["metadata"] = meta_fields
-        paths = _leaf_paths(content)
+        schema = self._apply_schema(rt)
+        errors = _duplicates(content, schema)
+        if errors:  # a real server answers these with a bare 500
+            raise ApiError(500, "", f"failed to create typed patch object ({namespace or ''}/"
+                           f"{name}; {rt.group}/{rt.version}, Kind={rt.kind}): "
+                           + (errors[0] if len(errors) == 1
+                              else "errors:\n  " + "\n  ".join(errors)))
+        paths = _field_set(content, schema)
         entry: JSON = {"manager": manager, "operation": "Apply", "apiVersion": rt.api_version,
                        "time": _now(), "fieldsType": "FieldsV1", "fieldsV1": _fields_v1(paths)}
         if subresource:
@@ -1213,27 +1493,27 @@ class KubeEmulator:
         mine = next((e for e in same_scope if e.get("manager") == manager), None)
         others = {id(e): _paths_from_fields_v1(e.get("fieldsV1")) for e in same_scope
                   if e is not mine}
-        conflicts = sorted((e["manager"], path) for e in same_scope if e is not mine
+        # a conflict: a field another applier owns whose value the merge would change (an item
+        # of a map or set list is its key: only values below it can change)
+        merged = _merge_applied(copy.deepcopy(old), content, schema)
+        conflicts = sorted((str(e["manager"]), path) for e in same_scope if e is not mine
                            for path in paths & others[id(e)]
-                           if _get_path(old, path) != _get_path(content, path))
+                           if path[-1][:2] in ("f:", "i:")
+                           and _get_path(old, path, schema) != _get_path(merged, path, schema))
         if conflicts and not force:
-            causes = [{"reason": "FieldManagerConflict", "message": f'conflict with "{m}"',
-                       "field": "." + ".".join(p)} for m, p in conflicts]
-            plural = "s" if len(causes) > 1 else ""
-            raise ApiError(409, "Conflict", f"Apply failed with {len(causes)} conflict{plural}: "
-                           + "; ".join(f"{c['message']}: {c['field']}" for c in causes),
-                           {**_details(rt, name), "causes": causes})
+            raise self._apply_conflict(rt, name, conflicts)
         for e in same_scope:  # forced: the other appliers lose the fields in conflict
             lost = {path for m, path in conflicts if m == e["manager"]}
             if e is not mine and lost:
                 others[id(e)] -= lost
                 e["fieldsV1"] = _fields_v1(others[id(e)])
-        owned_by_others = set().union(*others.values()) if others else set()
+        kept = paths.union(*others.values())
+        above_kept = {path[:n] for path in kept for n in range(1, len(path))}
         result = copy.deepcopy(old)
         previous = _paths_from_fields_v1(mine.get("fieldsV1")) if mine else set()
-        for path in sorted(previous - paths - owned_by_others, key=len, reverse=True):
-            _delete_path(result, path)
-        _deep_merge(result, content)
+        for path in sorted(previous - kept - above_kept, key=lambda p: (len(p), p)):
+            _delete_path(result, path, schema)
+        result = _merge_applied(result, content, schema)
         if mine is not None:
             entries[entries.index(mine)] = entry
         else:
@@ -1248,6 +1528,22 @@ class KubeEmulator:
                                dry_run=dry_run)
         return _Reply(200, self._present(rt, updated),
                       writes=[] if dry_run else [("patch", self._present(rt, updated))])
+
+    @staticmethod
+    def _apply_conflict(rt: ResourceType, name: str,
+                        conflicts: builtins.list[tuple[str, FieldPath]]) -> ApiError:
+        """The 409 a real server answers, message and causes alike."""
+        causes = [{"reason": "FieldManagerConflict", "message": f"conflict with {json.dumps(m)}",
+                   "field": _path_text(p)} for m, p in conflicts]
+        if len(causes) == 1:
+            message = f"Apply failed with 1 conflict: {causes[0]['message']}: {causes[0]['field']}"
+        else:
+            lines = []
+            for manager in sorted({m for m, _ in conflicts}):
+                lines.append(f"conflicts with {json.dumps(manager)}:")
+                lines += [f"- {_path_text(p)}" for m, p in conflicts if m == manager]
+            message = f"Apply failed with {len(causes)} conflicts: " + "\n".join(lines)
+        return ApiError(409, "Conflict", message, {**_details(rt, name), "causes": causes})
 
     def _delete(self, rt: ResourceType, namespace: str | None, name: str, raw: bytes,
                 dry_run: bool) -> _Reply:
