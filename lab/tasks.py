@@ -71,8 +71,21 @@ def _up(config: str | None, to: str | None, resume: bool, dry_run: bool,
     with Progress() as progress:
         lab.progress = progress
         _guard(lambda: lab.up(to, resume, cluster or None))
+    _print_next_steps(cfg, to)
+
+
+def _print_next_steps(cfg: LabConfig, to: str | None) -> None:
+    from lab.state import STATES
+
     print(f"✓ lab is up ({', '.join(cl.name for cl in cfg.clusters)}); "
           "`invoke lab.status` shows every gate")
+    if to is None or STATES.index(to) >= STATES.index("certs"):
+        host = cfg.gateway_hosts[0] if cfg.gateway_hosts else "echo"
+        for cl in cfg.clusters:
+            g = cl.gateway
+            print(f"  {cl.name}: https://{host}.localhost:{g.https_host_port}  "
+                  f"http://{host}.localhost:{g.http_host_port}")
+        print("  trust the lab CA: `invoke lab.trust`; flows: `invoke lab.hubble`")
 
 
 def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
