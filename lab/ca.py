@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import base64
 import datetime
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from lab.errors import LabError
 
 CA_VALIDITY_DAYS = 3 * 365  # the chart's own default (tls.ca.certValidityDuration: 1095)
 
@@ -32,23 +35,48 @@ def ca_dir(state_dir: Path) -> Path:
 
 
 def load_or_create(state_dir: Path) -> LabCA:
-    """Idempotent: the first call creates the CA, every later call returns the same one."""
+    """Idempotent: the first call creates the CA, every later call returns the same one.
+
+    Serialized with a file lock, so two `lab.up --cluster …` processes share one CA.
+    """
     d = ca_dir(state_dir)
-    cert_path, key_path = d / "cilium-ca.crt", d / "cilium-ca.key"
-    if cert_path.exists() and key_path.exists():
-        return LabCA(cert_path.read_bytes(), key_path.read_bytes())
-    cert_pem, key_pem = _generate()
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
-    _write_private(key_path, key_pem)
-    tmp = cert_path.with_suffix(".tmp")
-    tmp.write_bytes(cert_pem)
-    tmp.replace(cert_path)
-    return LabCA(cert_pem, key_pem)
+    cert_path, key_path = d / "cilium-ca.crt", d / "cilium-ca.key"
+    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if cert_path.exists() and key_path.exists():
+            ca = LabCA(cert_path.read_bytes(), key_path.read_bytes())
+            _check_pair(ca, cert_path)
+            return ca
+        cert_pem, key_pem = _generate()
+        _write_private(key_path, key_pem)
+        tmp = cert_path.with_name(cert_path.name + ".tmp")
+        tmp.write_bytes(cert_pem)
+        tmp.replace(cert_path)
+        return LabCA(cert_pem, key_pem)
+    finally:
+        os.close(fd)
+
+
+def _check_pair(ca: LabCA, cert_path: Path) -> None:
+    """Refuse a key that does not belong to the certificate (Helm's buildCustomCert won't)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    pub = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*pub) != key.public_key().public_bytes(*pub):
+        raise LabError(f"the lab CA in {cert_path.parent} is inconsistent: the key does not "
+                       "belong to the certificate",
+                       f"remove {cert_path.parent} and run `invoke lab.down` then `invoke lab.up` "
+                       "(every cluster must be re-created with the new CA)")
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)

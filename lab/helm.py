@@ -7,11 +7,14 @@ when it never finished its first install), so a crash at any point converges on 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 from lab.errors import ToolError
 from lab.steps.base import HelmRelease, StepContext, dump_yaml
+
+_REPO_LOCK = threading.Lock()
 
 
 def _ctx_args(ctx: StepContext) -> list[str]:
@@ -22,8 +25,9 @@ def _ctx_args(ctx: StepContext) -> list[str]:
 
 
 def release_status(ctx: StepContext, release: HelmRelease) -> dict[str, Any] | None:
-    res = ctx.tools.run("helm", ["status", release.release, "-n", release.namespace, "-o", "json",
-                                 *_ctx_args(ctx)], check=False, quiet=True)
+    """`helm get metadata`: chart version, status and revision (`helm status` omits the chart)."""
+    res = ctx.tools.run("helm", ["get", "metadata", release.release, "-n", release.namespace,
+                                 "-o", "json", *_ctx_args(ctx)], check=False, quiet=True)
     if res.returncode != 0:
         if "not found" in (res.stderr + res.stdout):
             return None
@@ -50,15 +54,14 @@ def ensure_release(ctx: StepContext, release: HelmRelease,
     wanted = _merge(release.values, secret_values or {})
     status = release_status(ctx, release)
     if status is not None:
-        info = status.get("info", {})
-        state = info.get("status", "")
-        chart_version = _chart_version(status)
-        if state == "deployed" and chart_version in (release.version, "") and \
+        state = str(status.get("status", ""))
+        revision = int(status.get("revision", 1))
+        if state == "deployed" and _same_version(status.get("version"), release.version) and \
                 _normalise(deployed_values(ctx, release)) == _normalise(wanted):
-            ctx.log.info("helm.unchanged", release=release.release, revision=status.get("version"))
+            ctx.log.info("helm.unchanged", release=release.release, revision=revision)
             return False
         if state.startswith("pending-") or state == "failed":
-            _repair(ctx, release, state, int(status.get("version", 1)))
+            _repair(ctx, release, state, revision)
     values_path = ctx.write_file(release.values_file, dump_yaml(release.values))
     args = ["upgrade", "--install", release.release, release.chart,
             "--version", release.version, "--namespace", release.namespace, "--create-namespace",
@@ -69,9 +72,10 @@ def ensure_release(ctx: StepContext, release: HelmRelease,
         args[args.index("--reset-values"):args.index("--reset-values")] = [
             "--values", str(secret_path)]
     if not release.chart.startswith("oci://"):
-        ctx.tools.run("helm", ["repo", "add", release.repo_name, release.repo_url,
-                               "--force-update"],
-                      doing=f"adding the {release.repo_name} chart repo")
+        with _REPO_LOCK:  # parallel clusters would race on helm's repositories file
+            ctx.tools.run("helm", ["repo", "add", release.repo_name, release.repo_url,
+                                   "--force-update"],
+                          doing=f"adding the {release.repo_name} chart repo")
     ctx.tools.run("helm", args, timeout=900,
                   doing=f"installing {release.release} {release.version}")
     ctx.log.info("helm.applied", release=release.release, version=release.version)
@@ -90,13 +94,10 @@ def _repair(ctx: StepContext, release: HelmRelease, state: str, revision: int) -
                       doing=f"rolling back the unfinished {release.release} upgrade")
 
 
-def _chart_version(status: dict[str, Any]) -> str:
-    chart = status.get("chart")
-    if isinstance(chart, dict):
-        return str(chart.get("metadata", {}).get("version", ""))
-    if isinstance(chart, str) and "-" in chart:
-        return chart.rsplit("-", 1)[1]
-    return ""
+def _same_version(deployed: object, wanted: str) -> bool:
+    """Chart versions compare without a leading v (cert-manager's chart is `v1.19.0`)."""
+    return isinstance(deployed, str) and bool(deployed) and \
+        deployed.removeprefix("v") == wanted.removeprefix("v")
 
 
 def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -16,9 +16,11 @@ from typing import Any
 from lab import ca, logs
 from lab.config import ClusterConfig, LabConfig
 from lab.errors import LabError
+from lab.kube import KubeError
 from lab.pipeline import ClusterPipeline
 from lab.state import STATES, Record, StateStore
-from lab.steps.base import Rendered, StepContext, Timeouts, Verdict, dump_yaml
+from lab.steps.base import CANCELLED, Check, Rendered, StepContext, Timeouts, Verdict, dump_yaml
+from lab.steps.cluster import kind_kubeconfig_write
 from lab.steps.registry import STEPS, implemented_states
 from lab.tools import Tools
 from lab.ui import Progress
@@ -83,12 +85,18 @@ class Lab:
             work(clusters[0])
             return
         errors: list[tuple[str, BaseException]] = []
-        with ThreadPoolExecutor(max_workers=len(clusters)) as pool:
+        pool = ThreadPoolExecutor(max_workers=len(clusters))
+        try:
             futures = {pool.submit(work, c): c.name for c in clusters}
             for fut, name in futures.items():
                 exc = fut.exception()
                 if exc is not None:
                     errors.append((name, exc))
+        except KeyboardInterrupt:
+            CANCELLED.set()  # the other clusters' gate waits stop now, not at their deadline
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         if len(errors) == 1:
             raise errors[0][1]
         if errors:
@@ -130,7 +138,10 @@ class Lab:
     def _reprobe(self, pipe: ClusterPipeline) -> None:
         """--resume: trust the record, but step back to the last state whose probe still holds."""
         for name in STATES[1:STATES.index(pipe.state) + 1]:
-            verdict = STEPS[name].probe(pipe.ctx)
+            try:
+                verdict = STEPS[name].probe(pipe.ctx)
+            except KubeError as exc:  # e.g. its CRDs are gone: the step no longer holds
+                verdict = Verdict(name, [Check("probe", False, exc.message)])
             if not verdict.ready:
                 previous = STATES[STATES.index(name) - 1]
                 pipe.step_back(previous, f"`{name}` no longer holds ({verdict.explain()})")
@@ -223,10 +234,8 @@ class Lab:
             with self._bound(cluster.name), self.store.lock(cluster.name, "lab.down"):
                 ctx = self.context(cluster)
                 with self.progress.step(cluster.name, "delete kind cluster"):
-                    args = ["delete", "cluster", "--name", cluster.name]
-                    if self.kubeconfig:
-                        args += ["--kubeconfig", self.kubeconfig]
-                    ctx.tools.run("kind", args, doing=f"deleting kind cluster {cluster.name!r}")
+                    kind_kubeconfig_write(ctx, ["delete", "cluster", "--name", cluster.name],
+                                          f"deleting kind cluster {cluster.name!r}")
                 self.store.remove(cluster.name)
                 shutil.rmtree(ctx.work_dir, ignore_errors=True)
                 removed.append(cluster.name)

@@ -333,3 +333,27 @@ def test_kill_at_the_step_boundary_then_resume_converges(lab_env: LabEnv) -> Non
     assert rec["state"] == "cni"
     assert [t["outcome"] for t in rec["history"]] == ["ok", "interrupted", "ok"]
     assert len(lab_env.calls("kind", "create")) == 1
+
+
+def test_a_chart_version_bump_upgrades_even_with_equal_values(lab_env: LabEnv) -> None:
+    """`helm status` carries no chart; the version comes from `helm get metadata`."""
+    _seed_cni(lab_env)
+    lab_env.run("lab.up", "--to", "cni")
+    raw = yaml.safe_load(lab_env.config.read_text())
+    raw["versions"]["cilium"] = "1.18.5"
+    lab_env.config.write_text(yaml.safe_dump(raw))
+    lab_env.run("lab.up", "--to", "cni")
+    upgrades = lab_env.calls("helm", "upgrade")
+    assert len(upgrades) == 2
+    assert upgrades[1][upgrades[1].index("--version") + 1] == "1.18.5"
+
+
+def test_a_ca_whose_key_does_not_match_is_refused(tmp_path: Path) -> None:
+    from lab import ca
+
+    first = ca.load_or_create(tmp_path)
+    other_key = ca._generate()[1]
+    (tmp_path / "ca" / "cilium-ca.key").write_bytes(other_key)
+    with pytest.raises(LabError, match="inconsistent"):
+        ca.load_or_create(tmp_path)
+    assert first.key_pem != other_key

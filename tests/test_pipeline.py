@@ -75,12 +75,17 @@ def test_kill_inside_cluster_step_then_resume_converges(lab_env: LabEnv) -> None
 def test_kill_during_a_rerun_then_resume_converges(lab_env: LabEnv) -> None:
     lab_env.run("lab.up", "--to", "cluster")
     creates = len(lab_env.calls("kind", "create"))
-    # A second run killed while it re-applies the completed cluster step.
-    proc = lab_env.start("lab.up", "--to", "cluster", LAB_FAKE_SLEEP="kind:export=30")
+    # A second run killed while it re-applies the completed cluster step (inside `kind get`).
+    before = len(lab_env.calls("kind", "get"))
+    proc = lab_env.start("lab.up", "--to", "cluster", LAB_FAKE_SLEEP="kind:get=30")
     try:
-        lab_env.wait_for_call("kind", ["export"])
+        deadline = time.monotonic() + 30
+        while len(lab_env.calls("kind", "get")) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(lab_env.calls("kind", "get")) > before
     finally:
         lab_env.kill(proc)
+    assert lab_env.record()["history"][-1]["outcome"] == "running"
     lab_env.run("lab.up", "--resume", "--to", "cluster")
     assert lab_env.record()["state"] == "cluster"
     assert len(lab_env.calls("kind", "create")) == creates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,13 +13,16 @@ from typing import Any, Protocol
 import yaml
 
 from lab.config import ClusterConfig, LabConfig
-from lab.errors import GateTimeout
+from lab.errors import GateTimeout, LabError
 from lab.kube import KubeClient, KubeError
 from lab.logs import Logger
 from lab.state import Record, StateStore
 from lab.tools import Tools
 
 Obj = dict[str, Any]
+
+# Set when the user interrupts: every gate wait in every cluster's thread stops at once.
+CANCELLED = threading.Event()
 
 
 @dataclass
@@ -180,7 +184,9 @@ class StepContext:
                     "look at the failing conditions above (`invoke lab.status` shows them too); "
                     "when they clear, run `invoke lab.up --resume`")
             self.log.debug("gate.waiting", gate=last.gate, failing=[c.name for c in last.failing])
-            time.sleep(min(delay, remaining))
+            if CANCELLED.wait(min(delay, remaining)):
+                raise LabError(f"interrupted while waiting for {doing}",
+                               "run `invoke lab.up --resume` to continue")
             delay = min(delay * 1.6, self.timeouts.poll_max)
 
 

@@ -7,15 +7,36 @@ server answers and every node is registered; nodes stay NotReady until the CNI s
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import yaml
 
-from lab.errors import LabError
+from lab.errors import LabError, ToolError
 from lab.kube import KubeError
 from lab.steps.base import Rendered, StepContext, Verdict, dump_yaml
 
 KIND_CONFIG_FILE = "kind.yaml"
+# kind locks the kubeconfig with O_EXCL and no retry: clusters advancing in parallel take turns.
+_KUBECONFIG_LOCK = threading.Lock()
+
+
+def kind_kubeconfig_write(ctx: StepContext, args: list[str], doing: str,
+                           timeout: float = 120) -> None:
+    if ctx.kubeconfig:
+        args = [*args, "--kubeconfig", ctx.kubeconfig]
+    for attempt in range(4):
+        with _KUBECONFIG_LOCK:
+            res = ctx.tools.run("kind", args, check=False, timeout=timeout, doing=doing)
+        if res.returncode == 0:
+            return
+        # Another process (a user's kubectl, another lab) may hold kind's lock file briefly.
+        if "lock" not in res.stderr or attempt == 3:
+            raise ToolError(res.command, res.returncode, res.stderr,
+                            f"{doing} failed; fix the cause above and run "
+                            "`invoke lab.up --resume`")
+        time.sleep(0.5 * (attempt + 1))
 
 
 def kind_config(ctx: StepContext) -> dict[str, Any]:
@@ -71,26 +92,37 @@ class ClusterStep:
         if self._exists(ctx) and self._adopt(ctx):
             return
         ctx.log.info("cluster.create", config=str(cfg_path))
-        ctx.tools.run("kind", ["create", "cluster", "--name", name, "--config", str(cfg_path)],
-                      timeout=900, doing=f"creating kind cluster {name!r}")
+        # kind writes the kubeconfig context itself at the end of a create.
+        kind_kubeconfig_write(ctx, ["create", "cluster", "--name", name, "--config",
+                                     str(cfg_path)], f"creating kind cluster {name!r}",
+                               timeout=900)
         ctx.facts["createdBy"] = "kind-cilium-lab"
         ctx.facts["created"] = True
-        self._export(ctx)
+        ctx.reset_kube()
 
     def _export(self, ctx: StepContext) -> None:
-        args = ["export", "kubeconfig", "--name", ctx.cluster.name]
-        if ctx.kubeconfig:
-            args += ["--kubeconfig", ctx.kubeconfig]
-        ctx.tools.run("kind", args, doing="exporting the kubeconfig")
+        kind_kubeconfig_write(ctx, ["export", "kubeconfig", "--name", ctx.cluster.name],
+                               "exporting the kubeconfig")
         ctx.reset_kube()
+
+    def _answers(self, ctx: StepContext) -> KubeError | None:
+        try:
+            ctx.kube.version()
+            return None
+        except KubeError as exc:
+            return exc
 
     def _adopt(self, ctx: StepContext) -> bool:
         """True when the existing cluster is ours to keep; False when it must be recreated."""
         name = ctx.cluster.name
-        self._export(ctx)
-        try:
-            ctx.kube.version()
-        except KubeError as exc:
+        exc = self._answers(ctx)  # the context usually exists and answers: no kubeconfig write
+        if exc is not None:
+            try:
+                self._export(ctx)
+                exc = self._answers(ctx)
+            except ToolError as export_failed:  # e.g. kubeadm never wrote admin.conf
+                exc = KubeError(export_failed.message)
+        if exc is not None:
             if ctx.record.last_ok("cluster") is None:
                 # A `kind create` that was killed leaves containers whose API never came up.
                 ctx.log.warning("cluster.half_created", error=exc.message)

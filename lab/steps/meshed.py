@@ -160,7 +160,7 @@ class MeshStep:
               "missing" if dep is None else "")
         peers = [p["name"] for p in ctx.facts.get("meshPeers", [])]
         v.checks.append(self._agents_connected(ctx, peers))
-        v.checks.append(self._global_service(ctx, peers))
+        v.checks.append(self._global_service(ctx, [p for p in peers if _joining(ctx, p)]))
         return v
 
     def _agents_connected(self, ctx: StepContext, peers: list[str]) -> Check:
@@ -216,13 +216,21 @@ class MeshStep:
 
     def probe(self, ctx: StepContext) -> Verdict:
         v = Verdict("meshed")
-        recorded = sorted(p["name"] for p in ctx.facts.get("meshPeers", []))
-        wanted = sorted(expected_peers(ctx))
+        recorded = sorted((p["name"], tuple(p.get("ips", ()))) for p in
+                          ctx.facts.get("meshPeers", []))
+        wanted = sorted((p["name"], tuple(p["ips"])) for p in self._peer_entries(ctx, True))
         v.add("peers as configured", recorded == wanted,
               f"recorded {recorded}, now {wanted}" if recorded != wanted else "")
         v.add("clustermesh-apiserver installed", ctx.kube.get(
             "apps/v1", "Deployment", "clustermesh-apiserver", "kube-system") is not None)
         return v
+
+
+def _joining(ctx: StepContext, peer: str) -> bool:
+    """A peer serves the global demo once it is meshed, or while its meshed step runs."""
+    record = ctx.store.load(peer)
+    running = record.running
+    return record.state == "meshed" or (running is not None and running.name == "meshed")
 
 
 def remote_clusters(status_json: str) -> dict[str, dict[str, Any]]:

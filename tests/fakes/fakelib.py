@@ -2404,6 +2404,7 @@ HELM_CMDS: dict[tuple[str, ...], list[Flag]] = {
                 F("all-namespaces/A", "bool"), F("max/m", "int"), F("offset", "int"),
                 F("filter/f"), F("selector/l"), *HELM_OUTPUT],
     ("get", "values"): [F("revision", "int"), F("all/a", "bool"), *HELM_OUTPUT],
+    ("get", "metadata"): [F("revision", "int"), *HELM_OUTPUT],
     ("uninstall",): [F("dry-run", "bool"), F("no-hooks", "bool"), F("ignore-not-found", "bool"),
                      F("keep-history", "bool"), F("wait", "bool"), F("cascade"),
                      F("timeout", "dur"), F("description")],
@@ -2431,6 +2432,7 @@ HELM_ARGS = {  # (min, max, usage)
     ("status",): (1, 1, "helm status RELEASE_NAME [flags]"),
     ("list",): (0, 0, "helm list [flags]"),
     ("get", "values"): (1, 1, "helm get values RELEASE_NAME [flags]"),
+    ("get", "metadata"): (1, 1, "helm get metadata RELEASE_NAME [flags]"),
     ("uninstall",): (1, 99, "helm uninstall RELEASE_NAME [...] [flags]"),
     ("rollback",): (1, 2, "helm rollback <RELEASE> [REVISION] [flags]"),
     ("history",): (1, 1, "helm history RELEASE_NAME [flags]"),
@@ -3004,6 +3006,8 @@ def helm_main(state: State, argv: list[str]) -> None:
             if rev is None:
                 raise helm_error("release: not found")
         view = release_view(rec, rev)
+        # helm's status command drops the chart before printing (cmd/helm/status.go: Chart = nil)
+        view.pop("chart", None)
         helm_output(opts["output"], view, lambda: helm_status_table(view, opts["show-desc"]))
     elif key == ("list",):
         helm_list(state, opts)
@@ -3023,6 +3027,19 @@ def helm_main(state: State, argv: list[str]) -> None:
              "DESCRIPTION"] + [f"{r['revision']:<8}\t{r['updated']}\t{r['status']:<10}\t"
                                f"{r['chart']:<15}\t{r['app_version']:<11}\t{r['description']}"
                                for r in rows]))
+    elif key == ("get", "metadata"):
+        hctx = HelmCtx(opts)
+        hctx.check_reachable()
+        rec = helm_releases(state).get(hctx.context, {}).get(f"{hctx.namespace}/{pos[0]}")
+        if not rec:
+            raise helm_error("release: not found")
+        rev = rec["history"][-1]
+        meta = {"name": rec["name"], "chart": rev["chart"], "version": rev["version"],
+                "appVersion": rev.get("app_version", ""), "namespace": rec["namespace"],
+                "revision": rev["revision"], "status": rev["status"],
+                "deployedAt": go_time_json(rev["last_deployed"])}
+        helm_output(opts["output"], meta, lambda: "\n".join(
+            f"{k.upper()}: {v}" for k, v in meta.items()))
     elif key == ("get", "values"):
         hctx = HelmCtx(opts)
         hctx.check_reachable()
