@@ -328,20 +328,27 @@ class ExecResult:
     stderr: str
 
 
-def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
-          container: str | None, timeout: float) -> ExecResult:
+def _open_exec(client: KubeClient, namespace: str, pod: str, command: list[str],
+               container: str | None) -> Any:
+    """The exec subresource's websocket (stdout and stderr, no stdin, no TTY)."""
     from kubernetes.client import CoreV1Api
-    from kubernetes.client.exceptions import ApiException
     from kubernetes.stream import stream
 
-    doing = f"running {command[0]} in {namespace}/{pod}"
     kwargs: dict[str, Any] = {"command": command, "stdout": True, "stderr": True,
                               "stdin": False, "tty": False, "_preload_content": False}
     if container:
         kwargs["container"] = container
+    return stream(CoreV1Api(client.api).connect_get_namespaced_pod_exec, pod, namespace,
+                  **kwargs)
+
+
+def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
+          container: str | None, timeout: float) -> ExecResult:
+    from kubernetes.client.exceptions import ApiException
+
+    doing = f"running {command[0]} in {namespace}/{pod}"
     try:
-        resp = stream(CoreV1Api(client.api).connect_get_namespaced_pod_exec, pod, namespace,
-                      **kwargs)
+        resp = _open_exec(client, namespace, pod, command, container)
         resp.run_forever(timeout=timeout)
         out, err = resp.read_stdout() or "", resp.read_stderr() or ""
         rc = resp.returncode
@@ -355,17 +362,10 @@ def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
 
 def _exec_stream(client: KubeClient, namespace: str, pod: str, command: list[str],
                  container: str | None) -> Iterator[str]:
-    from kubernetes.client import CoreV1Api
     from kubernetes.client.exceptions import ApiException
-    from kubernetes.stream import stream
 
-    kwargs: dict[str, Any] = {"command": command, "stdout": True, "stderr": True,
-                              "stdin": False, "tty": False, "_preload_content": False}
-    if container:
-        kwargs["container"] = container
     try:
-        resp = stream(CoreV1Api(client.api).connect_get_namespaced_pod_exec, pod, namespace,
-                      **kwargs)
+        resp = _open_exec(client, namespace, pod, command, container)
     except ApiException as exc:
         raise _map_api_exception(exc, f"running {command[0]} in {namespace}/{pod}") from exc
     try:

@@ -46,17 +46,22 @@ class ClusterPipeline:
     # -- callbacks --------------------------------------------------------------------------------
 
     def _begin(self, event: Any) -> None:
+        self._record_attempt(event.transition.dest, event.transition.source)
+
+    def _record_attempt(self, name: str, source: str) -> None:
         """Record the attempt before any side effect, so a crash inside it is visible later."""
-        dest = event.transition.dest
-        self._current = Transition(name=dest, source=event.transition.source, started=now_iso())
+        self._current = Transition(name=name, source=source, started=now_iso())
         self._started = time.monotonic()
         self.ctx.record.history.append(self._current)
         self.ctx.store.save(self.ctx.record)
 
     def _enter(self, event: Any) -> None:
-        dest = event.transition.dest
+        self._run_recorded(event.transition.dest)
+
+    def _run_recorded(self, name: str) -> None:
+        """Run a step; on failure close the recorded attempt with its outcome and re-raise."""
         try:
-            self.run_step(dest)
+            self.run_step(name)
         except BaseException as exc:
             self._close(outcome="failed" if isinstance(exc, Exception) else "interrupted",
                         error=str(exc))
@@ -116,17 +121,8 @@ class ClusterPipeline:
 
     def reconcile(self, name: str) -> None:
         """Re-apply a completed step in place (plain `lab.up`): state stays, history records it."""
-        t = Transition(name=name, source=name, started=now_iso())
-        self.ctx.record.history.append(t)
-        self.ctx.store.save(self.ctx.record)
-        self._current, self._started = t, time.monotonic()
-        try:
-            self.run_step(name)
-        except BaseException as exc:
-            self._close(outcome="failed" if isinstance(exc, Exception) else "interrupted",
-                        error=str(exc))
-            self.ctx.store.save(self.ctx.record)
-            raise
+        self._record_attempt(name, name)
+        self._run_recorded(name)
         self._close(outcome="ok")
         self.ctx.store.save(self.ctx.record)
 
