@@ -77,7 +77,9 @@ class Lab:
             ca.load_or_create(self.cfg.state_dir)  # once, before clusters run in parallel
         self._parallel(chosen, lambda c: self._up_cluster(c, before_mesh, resume))
         if target == "meshed":
-            self._parallel(chosen, lambda c: self._up_cluster(c, "meshed", resume))
+            # Every earlier step was just converged: re-check and re-apply only `meshed`.
+            self._parallel(chosen, lambda c: self._up_cluster(c, "meshed", resume,
+                                                              from_state="meshed"))
 
     def _parallel(self, clusters: list[ClusterConfig],
                   work: Callable[[ClusterConfig], None]) -> None:
@@ -111,7 +113,9 @@ class Lab:
         finally:
             logs.unbind("cluster")
 
-    def _up_cluster(self, cluster: ClusterConfig, target: str, resume: bool) -> None:
+    def _up_cluster(self, cluster: ClusterConfig, target: str, resume: bool,
+                    from_state: str = "cluster") -> None:
+        """Converge one cluster; completed steps before ``from_state`` are taken as they are."""
         with self._bound(cluster.name), self.store.lock(cluster.name, "lab.up"):
             record = self.store.load(cluster.name)
             ctx = self.context(cluster, record)
@@ -124,20 +128,21 @@ class Lab:
             record.versions = {k: str(v) for k, v in self.cfg.versions.__dict__.items()}
             pipe = ClusterPipeline(ctx, STEPS, self.progress)
             target_index = STATES.index(target)
+            first = STATES.index(from_state)
             if resume:
-                self._reprobe(pipe)
+                self._reprobe(pipe, first)
             else:
                 # Re-converge every completed step in order (idempotent), then go on.
-                for name in STATES[1:min(STATES.index(pipe.state), target_index) + 1]:
+                for name in STATES[first:min(STATES.index(pipe.state), target_index) + 1]:
                     pipe.reconcile(name)
             while STATES.index(pipe.state) < target_index:
                 pipe.advance()
             self.store.save(ctx.record)
             self.log.info("cluster.converged", state=pipe.state)
 
-    def _reprobe(self, pipe: ClusterPipeline) -> None:
+    def _reprobe(self, pipe: ClusterPipeline, first: int = 1) -> None:
         """--resume: trust the record, but step back to the last state whose probe still holds."""
-        for name in STATES[1:STATES.index(pipe.state) + 1]:
+        for name in STATES[first:STATES.index(pipe.state) + 1]:
             try:
                 verdict = STEPS[name].probe(pipe.ctx)
             except KubeError as exc:  # e.g. its CRDs are gone: the step no longer holds
@@ -214,7 +219,8 @@ class Lab:
         for cluster in self.cfg.clusters:
             ctx = self.context(cluster, Record(cluster=cluster.name), dry_run=True)
             base = out / cluster.name
-            for name in implemented_states()[1:]:
+            final = default_target(self.cfg)  # a single-cluster lab never reaches `meshed`
+            for name in STATES[1:STATES.index(final) + 1]:
                 rendered: Rendered = STEPS[name].render(ctx)
                 for rel, text in rendered.files.items():
                     written.append(_write(base / rel, text))

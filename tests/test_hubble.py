@@ -1,4 +1,4 @@
-"""`lab.hubble --observe`: flows streamed from hubble-relay through an agent pod, filters applied."""
+"""`lab.hubble --observe`: flows streamed from hubble-relay through an agent pod, filtered."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ The gate proves the mesh end to end: every agent reports every peer ready, and a
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from lab.errors import LabError
@@ -160,7 +161,7 @@ class MeshStep:
               "missing" if dep is None else "")
         peers = [p["name"] for p in ctx.facts.get("meshPeers", [])]
         v.checks.append(self._agents_connected(ctx, peers))
-        v.checks.append(self._global_service(ctx, [p for p in peers if _joining(ctx, p)]))
+        v.checks.append(self._global_service(ctx, peers))
         return v
 
     def _agents_connected(self, ctx: StepContext, peers: list[str]) -> Check:
@@ -191,7 +192,11 @@ class MeshStep:
     def _global_service(self, ctx: StepContext, peers: list[str]) -> Check:
         name = "global service answered from the other clusters"
         if not peers:
-            return Check(name, True, "no remote cluster left in the mesh")
+            return Check(name, True, "no other cluster is in the mesh (the lab has one left)")
+        absent = [p for p in peers if not _joining(ctx, p)]
+        if absent:
+            return Check(name, False, f"{', '.join(absent)} has not joined the mesh yet: run "
+                         "`invoke lab.mesh` (every cluster joins in parallel)")
         probe = ctx.kube.get("v1", "Pod", PROBE_POD, DEMO_NAMESPACE)
         ready = condition(probe, "Ready")
         if not (ready and ready.get("status") == "True"):
@@ -208,9 +213,9 @@ class MeshStep:
                 return Check(name, False, exc.message)
             if res.returncode == 0:
                 seen.add(res.stdout.strip())
-            if all(any(h.startswith(f"echo-{p}-") for h in seen) for p in peers):
+            if all(any(_pod_of(h, p) for h in seen) for p in peers):
                 return Check(name, True, f"answered by {', '.join(sorted(seen))}")
-        missing = [p for p in peers if not any(h.startswith(f"echo-{p}-") for h in seen)]
+        missing = [p for p in peers if not any(_pod_of(h, p) for h in seen)]
         return Check(name, False, f"no answer from {', '.join(missing)} (seen: "
                      f"{', '.join(sorted(seen)) or 'nothing'})")
 
@@ -224,6 +229,12 @@ class MeshStep:
         v.add("clustermesh-apiserver installed", ctx.kube.get(
             "apps/v1", "Deployment", "clustermesh-apiserver", "kube-system") is not None)
         return v
+
+
+def _pod_of(hostname: str, cluster: str) -> bool:
+    """A pod of Deployment echo-<cluster>: <deployment>-<replicaset hash>-<5 characters>."""
+    return re.fullmatch(rf"echo-{re.escape(cluster)}-[a-z0-9]{{1,10}}-[a-z0-9]{{5}}",
+                        hostname) is not None
 
 
 def _joining(ctx: StepContext, peer: str) -> bool:
