@@ -2,7 +2,9 @@
 
 - `invoke --list`: the cost of every task invocation before it does anything (goal ≤ 0.5 s).
 - a converged `lab.up --resume` against the API emulator and the fake tools: the cost of the
-  spine itself (probe every completed step, find nothing to do).
+  spine itself (probe every completed step, find nothing to do), at `cluster` and — with the
+  cluster simulator (tests/support/simcluster.py) behind the emulator — at `locked`.
+- a converged plain `lab.up` (re-applies every step, changes nothing).
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def main() -> None:
             env=lab.env())
         results["converged lab.up --to cluster (re-apply)"] = _time(
             lab.command("lab.up", "--to", "cluster"), args.runs, cwd=root, env=lab.env())
+    with tempfile.TemporaryDirectory() as tmp:
+        from tests.support.simcluster import sim_lab
+
+        with sim_lab(Path(tmp)) as sim:
+            env = sim.env
+            started = time.perf_counter()
+            env.run("lab.up", timeout=600)
+            results["lab.up absent → locked (simulated cluster)"] = [
+                time.perf_counter() - started]
+            results["converged lab.up --resume (locked)"] = _time(
+                env.command("lab.up", "--resume"), args.runs, cwd=env.root, env=env.env())
+            results["converged lab.up (locked, re-apply)"] = _time(
+                env.command("lab.up"), max(1, args.runs // 2), cwd=env.root, env=env.env())
     print(f"kind-cilium-lab wall times on this machine ({sys.platform}, "
           f"Python {sys.version.split()[0]}):")
     for name, samples in results.items():
