@@ -45,8 +45,8 @@ def e2e(session: nox.Session) -> None:
     """
     reason = _docker_unreachable()
     if reason:
-        session.skip(f"e2e skipped: no Docker daemon reachable ({reason}); it needs real kind "
-                     "clusters, run it where Docker and the internet are available")
+        session.skip(f"no Docker daemon reachable ({reason}): the e2e suite drives real kind "
+                     "clusters; run it where Docker and the internet are available")
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "e2e", "-p", "no:cacheprovider", "tests/e2e", *session.posargs)
 
