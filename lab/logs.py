@@ -50,7 +50,7 @@ def configure(log_format: str | None = None, level: str | None = None,
         foreign_pre_chain=[*shared, structlog.stdlib.ExtraAdder()],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(out)
+    handler = _RedirectableHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     for h in list(root.handlers):
@@ -59,10 +59,29 @@ def configure(log_format: str | None = None, level: str | None = None,
     handler._lab_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(numeric)
-    # The kubernetes client and urllib3 are chatty at DEBUG; keep them at WARNING unless asked.
-    for name in ("kubernetes", "urllib3"):
+    # The kubernetes client, urllib3 and transitions narrate every call or callback at
+    # DEBUG/INFO; keep them at WARNING unless debugging.
+    for name in ("kubernetes", "urllib3", "transitions"):
         logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
     _configured = True
+
+
+class _RedirectableHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler whose stream the live progress display can borrow."""
+
+
+def redirect(stream: Any) -> None:
+    """Send log lines to ``stream`` (e.g. above a live display); None restores the original."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, _RedirectableHandler):
+            if stream is None:
+                original = getattr(h, "_lab_original", None)
+                if original is not None:
+                    h.setStream(original)
+            else:
+                if not hasattr(h, "_lab_original"):
+                    h._lab_original = h.stream  # type: ignore[attr-defined]
+                h.setStream(stream)
 
 
 def _colors(stream: TextIO) -> bool:

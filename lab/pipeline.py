@@ -87,7 +87,8 @@ class ClusterPipeline:
         self._current.seconds = round(time.monotonic() - self._started, 3)
         self._current.outcome = outcome
         self._current.error = error
-        self.log.info("step.finished", outcome=outcome, seconds=self._current.seconds,
+        self.log.info("step.finished", step=self._current.name, outcome=outcome,
+                      seconds=self._current.seconds,
                       **({"error": error.splitlines()[0]} if error else {}))
         self._current = None
 

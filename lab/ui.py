@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from lab import logs
+
 
 class Progress:
     def __init__(self, stream: TextIO | None = None, live: bool | None = None) -> None:
@@ -31,13 +33,16 @@ class Progress:
             from rich.live import Live
 
             self._console = Console(file=self.stream, no_color=not self.color)
-            self._rich = Live(self._render(), console=self._console, refresh_per_second=8,
+            self._rich = Live(_Frame(self), console=self._console, refresh_per_second=8,
                               transient=True)
             self._rich.__enter__()
+            # Log lines go above the live lines instead of through them.
+            logs.redirect(_ConsoleWriter(self._console))
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._rich is not None:
+            logs.redirect(None)
             self._rich.__exit__(None, None, None)
             self._rich = None
 
@@ -55,8 +60,6 @@ class Progress:
         with self._lock:
             if self._console is not None:
                 self._console.print(line, highlight=False)
-                if self._rich is not None:
-                    self._rich.update(self._render())
             else:
                 self.stream.write(line + "\n")
                 self.stream.flush()
@@ -67,9 +70,7 @@ class Progress:
         started = time.monotonic()
         with self._lock:
             self._active[key] = (title, started)
-        if self._rich is not None:
-            self._rich.update(self._render())
-        else:
+        if self._rich is None:
             self._emit(f"• {key}: {title} …")
         try:
             yield
@@ -88,3 +89,36 @@ class Progress:
 
     def note(self, line: str) -> None:
         self._emit(line)
+
+
+class _Frame:
+    """Re-rendered on every refresh, so the elapsed times tick."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def __rich__(self) -> Any:
+        return self.progress._render()
+
+
+class _ConsoleWriter:
+    """A text stream that prints whole lines through the live console."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self._buf = ""
+
+    def write(self, text: str) -> int:
+        self._buf += text
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            from rich.text import Text
+
+            self.console.print(Text.from_ansi(line), highlight=False, soft_wrap=True)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
