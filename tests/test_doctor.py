@@ -135,9 +135,20 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: every socket stays bound until all are picked (the OS may hand the
+    same ephemeral port out again once one is closed)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture
@@ -153,7 +164,9 @@ def make_cfg(root: Path, clusters: int = 1, workers: int = 0,
              pools: list[str | None] | None = None, ports: list[tuple[int, int]] | None = None,
              listen: str = "127.0.0.1") -> LabConfig:
     pools = pools or ["172.18.255.0/24", "172.18.254.0/24", "172.18.253.0/24"][:clusters]
-    ports = ports or [(free_port(), free_port()) for _ in range(clusters)]
+    if not ports:
+        picked = free_ports(2 * clusters)
+        ports = [(picked[2 * i], picked[2 * i + 1]) for i in range(clusters)]
     raw: dict[str, Any] = {
         "apiVersion": "kind-cilium-lab/v1",
         "versions": {"kind": "v0.29.0", "nodeImage": NODE_IMAGE, "helm": "v3.19.0",
