@@ -13,6 +13,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -260,7 +261,8 @@ def parse_config(raw: Any, path: Path) -> LabConfig:
     raw_clusters = r.get(top, "clusters", "", list, required=True) or []
     if "clusters" in top and not raw_clusters and isinstance(top.get("clusters"), list):
         r.problem("clusters", "is empty", "declare at least one cluster")
-    clusters = [_parse_cluster(r, c, i, len(raw_clusters)) for i, c in enumerate(raw_clusters)]
+    alloc = _Allocator(raw_clusters)
+    clusters = [_parse_cluster(r, c, i, alloc) for i, c in enumerate(raw_clusters)]
     built = [c for c in clusters if c is not None]
     if len(built) == len(raw_clusters):
         _check_clusters(r, built)
@@ -295,7 +297,71 @@ def _int_field(r: _Reader, data: dict[str, Any], key: str, where: str, default: 
     return int(value) if value is not None else default
 
 
-def _parse_cluster(r: _Reader, raw: Any, i: int, total: int) -> ClusterConfig | None:
+class _Allocator:
+    """Defaults for what a cluster leaves out, routed around what any cluster sets explicitly.
+
+    Cluster i gets slot i (10.(244+i).0.0/16, 30080+100i, …) unless an explicit value elsewhere in
+    the config claims it; then the next free slot. Deterministic: same config, same allocation.
+    """
+
+    def __init__(self, raw_clusters: list[Any]) -> None:
+        items: list[dict[str, Any]] = [c for c in raw_clusters if isinstance(c, dict)]
+
+        def section(c: dict[str, Any], key: str) -> dict[str, Any]:
+            value = c.get(key)
+            return value if isinstance(value, dict) else {}
+
+        gw = [section(c, "gateway") for c in items]
+        mesh = [section(c, "clustermesh") for c in items]
+        self.ids = {c["id"] for c in items if isinstance(c.get("id"), int)}
+        self.nets = [n for c in items for k in ("podCIDR", "serviceCIDR", "lbPool")
+                     if (n := _net_or_none(c.get(k))) is not None]
+        self.ports = {p for g in gw for k in GATEWAY_KEYS if k != "listenAddress"
+                      if isinstance(p := g.get(k), int)}
+        self.ports |= {p for m in mesh if isinstance(p := m.get("apiserverNodePort"), int)}
+        self.given: dict[str, set[object]] = {}
+
+    def _free(self, kind: str, start: int, candidate: Callable[[int], object],
+              clash: Callable[[object], bool], limit: int) -> object | None:
+        taken = self.given.setdefault(kind, set())
+        for k in range(start, limit):
+            value = candidate(k)
+            if value not in taken and not clash(value):
+                taken.add(value)
+                return value
+        return None
+
+    def cluster_id(self, i: int) -> int:
+        value = self._free("id", i + 1, lambda k: k, lambda v: v in self.ids, 256)
+        return value if isinstance(value, int) else i + 1
+
+    def cidr(self, base: ipaddress.IPv4Network | ipaddress.IPv6Network, i: int) -> str | None:
+        def clash(v: object) -> bool:
+            net = ipaddress.ip_network(str(v))
+            return any(net.overlaps(n) for n in self.nets if n.version == net.version)
+
+        value = self._free(f"net{base}", i, lambda k: _offset_net(base, k), clash,
+                           i + MAX_AUTO_CLUSTERS)
+        return str(value) if value is not None else None
+
+    def port(self, base: int, stride: int, i: int) -> int:
+        def in_range(k: int) -> int:
+            return base + stride * k
+
+        value = self._free(f"port{base}", i, in_range,
+                           lambda v: v in self.ports or not isinstance(v, int)
+                           or v > NODEPORT_RANGE[1], i + 64)
+        return value if isinstance(value, int) else base + stride * i
+
+
+def _net_or_none(value: Any) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(value, strict=True) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _parse_cluster(r: _Reader, raw: Any, i: int, alloc: _Allocator) -> ClusterConfig | None:
     where = f"clusters[{i}]"
     before = len(r.problems)
     c = r.mapping(raw, where, CLUSTER_KEYS)
@@ -310,26 +376,29 @@ def _parse_cluster(r: _Reader, raw: Any, i: int, total: int) -> ClusterConfig | 
         if name == "default":
             r.problem(f"{where}.name", "'default' is reserved by Cilium for cluster id 0",
                       "pick another name")
-    cid = _int_field(r, c, "id", where, i + 1)
+    cid = _int_field(r, c, "id", where, alloc.cluster_id(i) if "id" not in c else i + 1)
     if not 1 <= cid <= 255:
         r.problem(f"{where}.id", f"{cid} is outside 1-255", "pick a unique id from 1 to 255")
     workers = _int_field(r, c, "workers", where, 0)
     if not 0 <= workers <= 8:
         r.problem(f"{where}.workers", f"{workers} workers", "use 0 to 8 workers")
 
-    auto = i < MAX_AUTO_CLUSTERS
     pod = _cidr(r, c, "podCIDR", where,
-                _offset_net(BASE_POD_CIDR, i) if auto else None, total)
+                alloc.cidr(BASE_POD_CIDR, i) if "podCIDR" not in c else None)
     svc = _cidr(r, c, "serviceCIDR", where,
-                _offset_net(BASE_SERVICE_CIDR, i) if auto else None, total)
+                alloc.cidr(BASE_SERVICE_CIDR, i) if "serviceCIDR" not in c else None)
     pool = c.get("lbPool")
     if pool is not None:
-        pool = _cidr(r, c, "lbPool", where, None, total)
+        pool = _cidr(r, c, "lbPool", where, None)
 
     g = r.mapping(c.get("gateway"), f"{where}.gateway", GATEWAY_KEYS)
     gw = f"{where}.gateway"
-    http_np = _int_field(r, g, "httpNodePort", gw, BASE_HTTP_NODEPORT + PORT_STRIDE * i)
-    https_np = _int_field(r, g, "httpsNodePort", gw, BASE_HTTPS_NODEPORT + PORT_STRIDE * i)
+    http_np = _int_field(r, g, "httpNodePort", gw,
+                         alloc.port(BASE_HTTP_NODEPORT, PORT_STRIDE, i)
+                         if "httpNodePort" not in g else 0)
+    https_np = _int_field(r, g, "httpsNodePort", gw,
+                          alloc.port(BASE_HTTPS_NODEPORT, PORT_STRIDE, i)
+                          if "httpsNodePort" not in g else 0)
     ports = GatewayPorts(
         http_node_port=http_np, https_node_port=https_np,
         http_host_port=_int_field(r, g, "httpHostPort", gw, http_np),
@@ -338,7 +407,8 @@ def _parse_cluster(r: _Reader, raw: Any, i: int, total: int) -> ClusterConfig | 
     )
     m = r.mapping(c.get("clustermesh"), f"{where}.clustermesh", MESH_KEYS)
     mesh_np = _int_field(r, m, "apiserverNodePort", f"{where}.clustermesh",
-                         BASE_CLUSTERMESH_NODEPORT + i)
+                         alloc.port(BASE_CLUSTERMESH_NODEPORT, 1, i)
+                         if "apiserverNodePort" not in m else 0)
     for key, port in (("gateway.httpNodePort", ports.http_node_port),
                       ("gateway.httpsNodePort", ports.https_node_port),
                       ("clustermesh.apiserverNodePort", mesh_np)):
@@ -367,13 +437,13 @@ def _offset_net(base: ipaddress.IPv4Network | ipaddress.IPv6Network,
                                     f"{base.prefixlen}"))
 
 
-def _cidr(r: _Reader, c: dict[str, Any], key: str, where: str, default: str | None,
-          total: int) -> str | None:
+def _cidr(r: _Reader, c: dict[str, Any], key: str, where: str,
+          default: str | None) -> str | None:
     value = r.get(c, key, where, str, default=default)
     if value is None:
         if default is None and key != "lbPool":
-            r.problem(f"{where}.{key}", f"cannot be allocated for more than {MAX_AUTO_CLUSTERS} "
-                      "clusters", "set it explicitly")
+            r.problem(f"{where}.{key}", "no free range left to allocate",
+                      "set it explicitly")
         return None
     try:
         net = ipaddress.ip_network(value, strict=True)

@@ -106,24 +106,40 @@ def test_user_overrides_are_respected_and_the_rest_allocated_by_position() -> No
 
 
 CONFLICTS: list[tuple[str, list[dict[str, Any]], str, str]] = [
-    # (case, clusters, field named, words of the fix)
-    ("clustermesh NodePort taken by another cluster's gateway",
-     [{"name": "c0"}, {"name": "c1", "clustermesh": {"apiserverNodePort": 30080}}],
+    # (case, clusters, field named, words of the fix): two explicit values that cannot coexist
+    ("clustermesh NodePort set to another cluster's gateway NodePort",
+     [{"name": "c0", "gateway": {"httpNodePort": 31000, "httpHostPort": 8080}},
+      {"name": "c1", "clustermesh": {"apiserverNodePort": 31000}}],
      "clusters[1].clustermesh.apiserverNodePort", "own NodePort"),
-    ("gateway NodePort taken by another cluster's clustermesh",
-     [{"name": "c0", "gateway": {"httpsNodePort": 32380, "httpsHostPort": 8443}},
-      {"name": "c1"}],
+    ("the same clustermesh NodePort twice",
+     [{"name": "c0", "clustermesh": {"apiserverNodePort": 32000}},
+      {"name": "c1", "clustermesh": {"apiserverNodePort": 32000}}],
      "clusters[1].clustermesh.apiserverNodePort", "own NodePort"),
-    ("pod CIDR override over the next cluster's allocated one",
-     [{"name": "c0", "podCIDR": "10.245.0.0/16"}, {"name": "c1"}],
-     "clusters[1].podCIDR", "non-overlapping"),
-    ("service CIDR override inside another cluster's pods",
-     [{"name": "c0"}, {"name": "c1", "serviceCIDR": "10.244.128.0/20"}],
+    ("service CIDR set inside another cluster's pod CIDR",
+     [{"name": "c0", "podCIDR": "10.50.0.0/16"},
+      {"name": "c1", "serviceCIDR": "10.50.128.0/20"}],
      "clusters[1].serviceCIDR", "non-overlapping"),
-    ("id override equal to another cluster's allocated id",
-     [{"name": "c0"}, {"name": "c1"}, {"name": "c2", "id": 2}],
+    ("the same id twice",
+     [{"name": "c0", "id": 7}, {"name": "c1"}, {"name": "c2", "id": 7}],
      "clusters[2].id", "unique id"),
 ]
+
+
+def test_allocation_routes_around_explicit_values() -> None:
+    """What one cluster sets is never handed to another by default."""
+    cfg = _cfg([{"name": "c0", "podCIDR": "10.245.0.0/16"}, {"name": "c1"},
+                {"name": "c2", "id": 1,
+                 "gateway": {"httpNodePort": 30180, "httpHostPort": 8180}}])
+    c0, c1, c2 = cfg.clusters
+    assert (c0.id, c1.id, c2.id) == (2, 3, 1)
+    # slot i, or the next free one upwards
+    assert (c0.pod_cidr, c1.pod_cidr, c2.pod_cidr) == ("10.245.0.0/16", "10.246.0.0/16",
+                                                       "10.247.0.0/16")
+    assert (c0.gateway.http_node_port, c1.gateway.http_node_port) == (30080, 30280)
+    assert c2.gateway.http_node_port == 30180
+    assert _cfg([{"name": "c0", "podCIDR": "10.245.0.0/16"}, {"name": "c1"},
+                 {"name": "c2", "id": 1,
+                  "gateway": {"httpNodePort": 30180, "httpHostPort": 8180}}]) == cfg
 
 
 @pytest.mark.parametrize(("clusters", "field", "fix"), [c[1:] for c in CONFLICTS],
