@@ -112,6 +112,11 @@ def downloads_forbidden_by_env() -> bool:
     return os.environ.get(NO_DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def downloads_allowed(cfg: LabConfig, no_download: bool) -> bool:
+    """Downloads happen unless the flag, ``LAB_NO_DOWNLOAD`` or ``downloadTools: false`` says no."""
+    return cfg.download_tools and not no_download and not downloads_forbidden_by_env()
+
+
 def platform_pair(system: str | None = None, machine: str | None = None) -> tuple[str, str]:
     """This machine as release assets name it: (linux|darwin, amd64|arm64)."""
     system = platform.system() if system is None else system

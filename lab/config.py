@@ -97,6 +97,7 @@ class LabConfig:
     docker_network: str
     gateway_hosts: tuple[str, ...]
     clusters: tuple[ClusterConfig, ...]
+    download_tools: bool = True
 
     @property
     def is_mesh(self) -> bool:
@@ -205,6 +206,7 @@ TOP_KEYS = {
     "dockerNetwork": "the Docker network kind puts nodes on",
     "gatewayHosts": "host names served by the gateway under .localhost",
     "clusters": "the kind clusters of the lab",
+    "downloadTools": "false forbids downloading pinned tools (report what to install instead)",
 }
 VERSION_KEYS = {
     "kind": "kind release", "nodeImage": "kind node image, pinned by digest",
@@ -266,10 +268,12 @@ def parse_config(raw: Any, path: Path) -> LabConfig:
     built = [c for c in clusters if c is not None]
     if len(built) == len(raw_clusters):
         _check_clusters(r, built)
+    download = r.get(top, "downloadTools", "", bool, default=True)
     if r.problems:
         raise ConfigError(r.problems)
     return LabConfig(path=path, versions=versions, state_dir=state_dir, docker_network=network,
-                     gateway_hosts=tuple(hosts), clusters=tuple(built))
+                     gateway_hosts=tuple(hosts), clusters=tuple(built),
+                     download_tools=bool(download))
 
 
 def _check_versions(r: _Reader, v: Versions) -> None:

@@ -90,13 +90,13 @@ def _print_next_steps(cfg: LabConfig, to: str | None) -> None:
 
 def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
     """Pinned tools, then the doctor: both before any side effect on a cluster."""
-    from lab.bootstrap import REQUIRED, downloads_forbidden_by_env, ensure_tools, lab_tools
+    from lab.bootstrap import REQUIRED, downloads_allowed, ensure_tools, lab_tools
     from lab.doctor import preflight
 
     log = logs.get("lab")
     tools = lab_tools(cfg, log)
     ensure_tools(cfg, tools, names=REQUIRED,
-                 allow_download=not no_download and not downloads_forbidden_by_env())
+                 allow_download=downloads_allowed(cfg, no_download))
     if skip_doctor or os.environ.get("LAB_SKIP_DOCTOR") == "1":
         log.warning("doctor.skipped", reason="--skip-doctor" if skip_doctor else "LAB_SKIP_DOCTOR")
         return

@@ -20,7 +20,7 @@ from lab.bootstrap import (
     NO_DOWNLOAD_ENV,
     REQUIRED,
     TITLES,
-    downloads_forbidden_by_env,
+    downloads_allowed,
     ensure_tools,
     lab_tools,
     pinned_versions,
@@ -72,7 +72,7 @@ def tools(c: Context, config: str | None = None, no_download: bool = False,
     """Install the pinned kind, helm and Cilium CLI (SHA-256 verified) into <stateDir>/bin."""
     cfg = _setup(config, log_format)
     lab = lab_tools(cfg, logs.get("lab"))
-    allow = not (no_download or downloads_forbidden_by_env())
+    allow = downloads_allowed(cfg, no_download)
     installed = _guard(lambda: ensure_tools(cfg, lab, allow_download=allow))
     pinned = pinned_versions(cfg)
     rows: list[tuple[str, str, str, str, str]] = []

@@ -403,3 +403,26 @@ def test_tools_task_installs_and_reports(cfg: LabConfig, server: Server, tmp_pat
     assert str(tmp_path / "state" / "bin" / "kind") in printed
     assert "missing (optional)" in printed
     assert "export PATH=" in printed
+
+
+def test_download_switch_in_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`downloadTools: false` forbids downloads like `--no-download` and LAB_NO_DOWNLOAD."""
+    import yaml
+
+    from lab.bootstrap import downloads_allowed
+    from lab.config import load_config
+
+    root = Path(__file__).resolve().parent.parent
+    raw = yaml.safe_load((root / "config" / "lab.yaml").read_text())
+    raw["stateDir"] = str(tmp_path / ".lab")
+    path = tmp_path / "lab.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.delenv("LAB_NO_DOWNLOAD", raising=False)
+    assert downloads_allowed(load_config(path), no_download=False)
+    assert not downloads_allowed(load_config(path), no_download=True)
+    monkeypatch.setenv("LAB_NO_DOWNLOAD", "1")
+    assert not downloads_allowed(load_config(path), no_download=False)
+    monkeypatch.delenv("LAB_NO_DOWNLOAD")
+    raw["downloadTools"] = False
+    path.write_text(yaml.safe_dump(raw))
+    assert not downloads_allowed(load_config(path), no_download=False)

@@ -126,6 +126,7 @@ BAD_CONFIGS: list[tuple[str, Any, str, str]] = [
     ("gateway host not a label", _with(gatewayHosts=["Echo App"]), "gatewayHosts[0]",
      "lowercase"),
     ("workers out of range", _with(clusters__0__workers=20), "clusters[0].workers", "0 to 8"),
+    ("downloadTools not a boolean", _with(downloadTools="no"), "downloadTools", "true or false"),
 ]
 
 
