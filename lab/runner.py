@@ -229,7 +229,7 @@ class Lab:
                 if rendered.objects:
                     written.append(_write(base / name / "objects.yaml",
                                           dump_yaml(rendered.objects)))
-        return written
+        return list(dict.fromkeys(written))  # a later state may rewrite a values file
 
     # -- down ------------------------------------------------------------------------------------
 
