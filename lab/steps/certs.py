@@ -128,6 +128,9 @@ def ca_objects(ctx: StepContext) -> list[Obj]:
                       "labels": dict(MANAGED_BY)},
          "spec": {
              "secretName": GATEWAY_CERT,
+             # A subject as well as the SANs: strict X.509 checks (Python ≥ 3.13's default) want
+             # one or the other marked critical; a common name keeps every client content.
+             "commonName": "localhost",
              "dnsNames": certificate_names(ctx),
              "usages": ["digital signature", "server auth"],
              "privateKey": {"algorithm": "ECDSA", "size": 256},

@@ -208,7 +208,9 @@ def issue_certificate(spec: Obj, issuer_cert: x509.Certificate | None, issuer_ke
                .not_valid_after(now + _duration(spec)))
     names = [x509.DNSName(n) for n in spec.get("dnsNames") or []]
     if names:
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        # As Go's crypto/x509 (which cert-manager signs with): critical when the subject is empty.
+        builder = builder.add_extension(x509.SubjectAlternativeName(names),
+                                        critical=len(subject) == 0)
     if spec.get("isCA"):
         builder = builder.add_extension(x509.BasicConstraints(ca=True, path_length=None),
                                         critical=True)
