@@ -18,7 +18,7 @@ from lab.state import Record, StateStore
 from lab.steps.base import StepContext, Timeouts
 from lab.steps.cni import CniStep, cilium_values, gateway_api_crds
 from lab.tools import Tools
-from tests.conftest import REPO, LabEnv, load_upstream_crds, upstream_dir, write_config
+from tests.conftest import REPO, LabEnv, load_upstream_crds, write_config
 from tests.support import objects
 from tests.support.emulator import KubeEmulator
 from tests.support.upstream import require_upstream, validate_helm_values
@@ -255,8 +255,6 @@ def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(lab_env: LabEn
     assert secret.stat().st_mode & 0o777 == 0o600 and "tls" in yaml.safe_load(secret.read_text())
     rec = lab_env.record()
     assert rec["state"] == "cni" and rec["gates"]["cni"]["ready"]
-    assert "BEGIN" not in (lab_env.root / "stderr.txt").read_text() if (
-        lab_env.root / "stderr.txt").exists() else True
 
 
 def test_rerun_after_success_changes_nothing(lab_env: LabEnv) -> None:
@@ -305,7 +303,6 @@ def test_render_writes_values_and_crd_sources(tmp_path: Path) -> None:
     sources = yaml.safe_load((tmp_path / "out/lab/cni/gateway-api-crds.sources.yaml").read_text())
     assert len(sources["crds"]) == 6 and sources["channel"] == "standard"
     assert (tmp_path / "out/lab/kind.yaml").exists()
-    assert upstream_dir  # the folder is optional for render
 
 
 def test_kill_at_the_step_boundary_then_resume_converges(lab_env: LabEnv) -> None:

@@ -21,6 +21,6 @@ def test_down_removes_clusters_containers_and_records(e2e_lab: E2ELab) -> None:
                             capture_output=True, text=True, check=True)
         assert ps.stdout.strip() == ""
     records = e2e_lab.cfg.state_dir / "clusters"
-    assert not list(records.glob("*.json")) if records.exists() else True
+    assert not records.exists() or not list(records.glob("*.json"))
     rows = json.loads(e2e_lab.invoke("lab.status", "--json", "--offline").stdout)
     assert all(r["state"] == "absent" for r in rows)
