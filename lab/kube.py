@@ -370,7 +370,11 @@ def _exec_stream(client: KubeClient, namespace: str, pod: str, command: list[str
         raise _map_api_exception(exc, f"running {command[0]} in {namespace}/{pod}") from exc
     try:
         while resp.is_open():
-            resp.update(timeout=1)
+            try:
+                resp.update(timeout=1)
+            except Exception as exc:  # websocket errors carry no common base class
+                raise Unreachable(f"the stream from {namespace}/{pod} broke: {exc}",
+                                  "is the cluster still running? retry the command") from exc
             if resp.peek_stdout():
                 yield resp.read_stdout()
             if resp.peek_stderr():

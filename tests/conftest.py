@@ -163,6 +163,7 @@ def lab_env(tmp_path: Path) -> Iterator[LabEnv]:
                      fake_state=fake_state, kubeconfig=tmp_path / "kubeconfig",
                      emulators={"lab": emu})
         yield env
+        assert emu.callback_errors == [], "a test hook of the emulator crashed"
     finally:
         emu.stop()
 

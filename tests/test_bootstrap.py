@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import stat
 import tarfile
 import threading
@@ -350,9 +349,14 @@ def test_no_download_env_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bootstrap.downloads_forbidden_by_env()
     monkeypatch.setenv("LAB_NO_DOWNLOAD", "0")
     assert not bootstrap.downloads_forbidden_by_env()
+    for forbidding in ("true", "YES", " on "):
+        monkeypatch.setenv("LAB_NO_DOWNLOAD", forbidding)
+        assert bootstrap.downloads_forbidden_by_env(), forbidding
+    for allowing in ("", "no", "false", "off"):
+        monkeypatch.setenv("LAB_NO_DOWNLOAD", allowing)
+        assert not bootstrap.downloads_forbidden_by_env(), allowing
     monkeypatch.delenv("LAB_NO_DOWNLOAD")
     assert not bootstrap.downloads_forbidden_by_env()
-    assert os.environ.get("LAB_NO_DOWNLOAD") is None
 
 
 class FakeTTY(io.StringIO):
@@ -361,12 +365,14 @@ class FakeTTY(io.StringIO):
 
 
 def test_tty_shows_a_rich_progress_bar(cfg: LabConfig, server: Server) -> None:
-    publish_all(server)
+    size = len(publish_all(server)["kind"])
     out = FakeTTY()
     ensure_tools(cfg, lab_tools(cfg), allow_download=True, base_urls=server.bases(), out=out,
                  platform_=(OS, ARCH), names=("kind",))
     text = out.getvalue()
     assert "kind v0.29.0 (linux/amd64)" in text and "verified" in text
+    # rich's bar (BarColumn) and byte counter (DownloadColumn), complete at the end
+    assert "━" in text and f"{size}/{size} bytes" in text
     assert "% (" not in text  # no plain percentage lines on a TTY
 
 

@@ -68,6 +68,7 @@ def test_the_ca_values_are_valid_and_never_in_the_rendered_values(tmp_path: Path
 
     require_upstream()
     lab_ca = ca.load_or_create(tmp_path)
+    assert sorted(lab_ca.helm_values()["tls"]["ca"]) == ["cert", "key"]
     assert validate_helm_values(lab_ca.helm_values(), "cilium") == []
     key = tmp_path / "ca" / "cilium-ca.key"
     assert key.stat().st_mode & 0o777 == 0o600
@@ -212,6 +213,14 @@ def test_gate_timeout_names_the_failing_conditions(
 
 # -- the whole step through the real tasks, fake helm, emulator ---------------------------------
 
+@pytest.fixture
+def lab_env(lab_env: LabEnv) -> Iterator[LabEnv]:
+    """conftest's lab, and afterwards: no hook of this module failed inside the emulator."""
+    yield lab_env
+    for emu in lab_env.emulators.values():
+        assert emu.callback_errors == []
+
+
 def _seed_cni(lab_env: LabEnv) -> None:
     """The fake helm 'installs' the chart as ready objects; the CRD cache holds the pinned files."""
     up = require_upstream()
@@ -237,12 +246,29 @@ def _seed_cni(lab_env: LabEnv) -> None:
         (cache / p.name).write_bytes(p.read_bytes())
 
 
+def _gateway_api_crd_names() -> set[str]:
+    """metadata.name of every CRD of the pinned standard channel, read from upstream's files."""
+    root = require_upstream() / "gateway-api-1.4.0" / "standard"
+    return {d["metadata"]["name"] for p in root.glob("*.yaml")
+            for d in yaml.safe_load_all(p.read_text())
+            if d and d.get("kind") == "CustomResourceDefinition"}
+
+
 def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(lab_env: LabEnv) -> None:
     _seed_cni(lab_env)
     lab_env.run("lab.up", "--to", "cni")
     emu = lab_env.emulators["lab"]
-    assert emu.get("apiextensions.k8s.io/v1", "CustomResourceDefinition",
-                   "gateways.gateway.networking.k8s.io")
+    crds = _gateway_api_crd_names()
+    assert len(crds) == 6
+    for name in sorted(crds):
+        assert emu.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name), name
+    # the CRDs went in through the API before helm applied the chart's objects
+    writes = [r for r in emu.requests if r.method in ("POST", "PUT", "PATCH")]
+    crd_writes = [i for i, r in enumerate(writes)
+                  if any(r.path.endswith(f"/customresourcedefinitions/{n}") for n in crds)]
+    chart_writes = [i for i, r in enumerate(writes) if "/daemonsets" in r.path]
+    assert crd_writes and chart_writes, [(r.method, r.path) for r in writes]
+    assert max(crd_writes) < min(chart_writes)
     installs = [a for a in lab_env.calls("helm", "upgrade")]
     assert len(installs) == 1
     argv = installs[0]
@@ -260,10 +286,17 @@ def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(lab_env: LabEn
 def test_rerun_after_success_changes_nothing(lab_env: LabEnv) -> None:
     _seed_cni(lab_env)
     lab_env.run("lab.up", "--to", "cni")
+    emu = lab_env.emulators["lab"]
+    emu.clear_requests()
     lab_env.run("lab.up", "--to", "cni")
     assert len(lab_env.calls("helm", "upgrade")) == 1
     helm_state = json.loads((lab_env.fake_state / "helm.json").read_text())
-    assert "deployed" in json.dumps(helm_state)
+    history = helm_state["kind-lab"]["kube-system/cilium"]["history"]
+    assert [h["status"] for h in history] == ["deployed"]  # no new revision
+    # the only API writes: the CRDs server-side applied again, in place (nothing created)
+    assert sorted((r.method, r.path.rsplit("/", 1)[-1], r.content_type) for r in emu.writes()) \
+        == [("PATCH", n, "application/apply-patch+yaml") for n in sorted(_gateway_api_crd_names())]
+    assert lab_env.record()["state"] == "cni"
 
 
 def test_crash_mid_helm_install_resumes_and_converges(lab_env: LabEnv) -> None:
@@ -288,6 +321,7 @@ def test_crash_mid_helm_install_resumes_and_converges(lab_env: LabEnv) -> None:
 def test_log_never_contains_the_ca_key(lab_env: LabEnv) -> None:
     _seed_cni(lab_env)
     proc = lab_env.run("lab.up", "--to", "cni", LAB_LOG_LEVEL="debug")
+    assert '"level": "debug"' in proc.stderr  # debug logging really ran: the check means something
     key = (lab_env.state_dir / "ca" / "cilium-ca.key").read_text()
     body = "".join(key.splitlines()[1:-1])[:40]
     assert body not in proc.stderr and body not in proc.stdout
@@ -350,7 +384,10 @@ def test_a_ca_whose_key_does_not_match_is_refused(tmp_path: Path) -> None:
 
     first = ca.load_or_create(tmp_path)
     other_key = ca._generate()[1]
+    assert first.key_pem != other_key  # the setup really mismatches the pair
     (tmp_path / "ca" / "cilium-ca.key").write_bytes(other_key)
     with pytest.raises(LabError, match="inconsistent"):
         ca.load_or_create(tmp_path)
-    assert first.key_pem != other_key
+    # refused, not "repaired": neither file was replaced by a new CA
+    assert (tmp_path / "ca" / "cilium-ca.key").read_bytes() == other_key
+    assert (tmp_path / "ca" / "cilium-ca.crt").read_bytes() == first.cert_pem

@@ -289,7 +289,10 @@ def test_network_absent_with_pool_outside_the_default_warns(env: Env) -> None:
 # -- inotify ---------------------------------------------------------------------------------------
 
 def test_inotify_ok(env: Env) -> None:
-    for f in check(env, name="fs.inotify"):
+    findings = check(env, name="fs.inotify")
+    assert [f.name for f in findings] == ["fs.inotify.max_user_watches",
+                                          "fs.inotify.max_user_instances"]
+    for f in findings:
         assert f.verdict == "ok", f
 
 

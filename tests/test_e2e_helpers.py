@@ -112,6 +112,7 @@ def test_collect_diagnostics_gathers_every_part(tmp_path: Path,
         kubeconfig = tmp_path / "kubeconfig"
         emu.write_kubeconfig(kubeconfig, context="kind-lab")
         written = collect_diagnostics(cfg, tmp_path / "diag", str(kubeconfig))
+        assert emu.callback_errors == []
     names = {p.relative_to(tmp_path / "diag").as_posix() for p in written}
     assert {"records/lab.json", "lab/events.yaml", "lab/cilium-status-cilium-0.txt",
             "lab/hubble-dropped.jsonl", "lab/hubble-dropped-summary.txt",

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +23,10 @@ if str(REPO) not in sys.path:  # until pytest's pythonpath = ["."] is configured
 from kubernetes import client, config, watch  # noqa: E402
 from kubernetes.client.exceptions import ApiException  # noqa: E402
 from kubernetes.dynamic import DynamicClient  # noqa: E402
-from kubernetes.dynamic.exceptions import DynamicApiError  # noqa: E402
+from kubernetes.dynamic.exceptions import (  # noqa: E402
+    DynamicApiError,
+    ResourceNotFoundError,
+)
 
 from tests.support.emulator import KubeEmulator  # noqa: E402
 
@@ -387,7 +391,7 @@ def test_crd_created_through_the_api_becomes_discoverable(dyn: DynamicClient,
 
     crds.delete(name="widgets.example.com")
     fresh = DynamicClient(dyn.client, cache_file=str(tmp_path / "fresh.json"))
-    with pytest.raises(Exception, match="No matches found"):
+    with pytest.raises(ResourceNotFoundError, match="No matches found"):
         fresh.resources.get(api_version="example.com/v1", kind="Widget")
 
 
@@ -418,9 +422,11 @@ def test_typed_watch_sees_writes_from_another_thread(api: client.ApiClient) -> N
 
     # without a resourceVersion the stream starts with what exists
     watcher = watch.Watch()
+    initial = []
     for event in watcher.stream(core.list_namespaced_pod, "default", timeout_seconds=5):
-        assert (event["type"], event["object"].metadata.name) == ("ADDED", "before")
+        initial.append((event["type"], event["object"].metadata.name))
         watcher.stop()
+    assert initial == [("ADDED", "before")]
 
 
 def test_dynamic_watch_with_label_selector(dyn: DynamicClient, emu: KubeEmulator) -> None:
@@ -464,7 +470,9 @@ def test_stop_ends_open_watches(emu: KubeEmulator, api: client.ApiClient) -> Non
     emu.stop()
     thread.join(timeout=5)
     assert not thread.is_alive() and time.monotonic() - started < 2
-    assert outcome
+    # the watch ended: cleanly (200, end of stream) or cut at the socket, never an API error
+    (result,) = outcome
+    assert result == 200 or isinstance(result, (OSError, urllib3.exceptions.HTTPError)), result
 
 
 # -- the test-side API ----------------------------------------------------------------------------

@@ -294,6 +294,11 @@ def test_stopping_the_emulator_ends_a_running_exec(tmp_path: Path) -> None:
         started = time.monotonic()
         emu.stop()
         assert time.monotonic() - started < 2
+        # the command still runs (the handler waits on `release`), yet the stream is over: the
+        # next read ends it (or reports the lost connection) instead of waiting for more output
+        with pytest.raises((StopIteration, websocket.WebSocketConnectionClosedException)):
+            next(chunks)
+        assert time.monotonic() - started < 2
         chunks.close()
     finally:
         release.set()

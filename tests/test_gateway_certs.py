@@ -384,6 +384,8 @@ def emu(crds: list[Obj]) -> Iterator[KubeEmulator]:
                "spec": {"controllerName": "io.cilium/gateway"},
                "status": {"conditions": [_cond("Accepted", True, 1)]}})
         yield e
+    # a FakeCluster controller that crashed inside a write must not pass for a failing gate
+    assert e.callback_errors == []
 
 
 @pytest.fixture
@@ -788,7 +790,25 @@ def test_apply_both_steps_end_to_end(tmp_path: Path, fake_state: Path, emu: Kube
     managers = {m["manager"] for m in gw["metadata"]["managedFields"]}
     assert CERTS_FIELD_MANAGER in managers
     # re-running the certs step is idempotent: helm sees the same release, nothing re-created
+    def helm_upgrades() -> list[list[str]]:
+        return [a for a in (json.loads(line)["argv"] for line in
+                            (fake_state / "calls.jsonl").read_text().splitlines()
+                            if json.loads(line)["tool"] == "helm") if a[:1] == ["upgrade"]]
+
+    specs = ((GATEWAY_API, "Gateway", GATEWAY_NAME, GATEWAY_NAMESPACE),
+             ("cert-manager.io/v1", "Certificate", GATEWAY_CERT, GATEWAY_NAMESPACE),
+             ("cert-manager.io/v1", "Certificate", CA_NAME, CERT_MANAGER_NAMESPACE))
+
+    def generations() -> list[int]:
+        return [stored(emu, *ref)["metadata"]["generation"] for ref in specs]
+
+    upgrades, before = helm_upgrades(), generations()
+    emu.clear_requests()
     certs.apply(ctx)
+    assert helm_upgrades() == upgrades
+    assert [(r.method, r.path) for r in emu.writes()
+            if r.method in ("POST", "PUT") and "dryRun" not in r.query] == []
+    assert generations() == before
     assert certs.ready(ctx).ready
 
 

@@ -62,6 +62,12 @@ def test_observe_task_streams_from_the_relay(lab_env: LabEnv) -> None:
 
 
 def test_observe_task_refuses_a_bad_verdict_before_any_call(lab_env: LabEnv) -> None:
+    emu = lab_env.emulators["lab"]
+    for obj in objects.cni_ready(["lab-control-plane"]):  # a call, if made, would succeed
+        if obj["kind"] != "CiliumNode":
+            emu.put(obj)
+    emu.write_kubeconfig(lab_env.kubeconfig, context="kind-lab")
+    emu.on_exec(lambda *a: (0, json.dumps(DROP) + "\n", ""))
     proc = lab_env.run("lab.hubble", "--observe", "--verdict", "DENIED", check=False)
     assert proc.returncode == 1 and "unknown verdict" in proc.stderr
-    assert lab_env.emulators["lab"].exec_calls == []
+    assert emu.exec_calls == [] and emu.requests == []

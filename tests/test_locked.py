@@ -582,19 +582,14 @@ def test_agent_realization() -> None:
     assert not ok and "policy get" in detail
 
 
-def test_kube_exec_adapter() -> None:
-    class Res:
-        returncode, stdout, stderr = 1, "out ", "err"
-
-    class Kube:
-        def exec(self, ns: str, pod: str, argv: list[str], container: str | None = None,
-                 timeout: float = 30) -> Res:
-            assert (ns, pod, argv, container) == ("n", "p", ["x"], "c")
-            return Res()
-
-    run = kube_exec(Kube())
-    assert run is not None and run("n", "p", "c", ["x"]) == (1, "out err")
-    assert kube_exec(object()) is None
+def test_kube_exec_adapter(emu: KubeEmulator, tmp_path: Path) -> None:
+    emu.put({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
+             "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    emu.on_exec(lambda ns, pod, container, argv: (1, "out ", "err")
+                if (ns, pod, container, argv) == ("n", "p", "c", ["x"]) else (9, "", "wrong"))
+    run = kube_exec(kube_for(emu, tmp_path))
+    assert run("n", "p", "c", ["x"]) == (1, "out err")
+    assert run("n", "missing", "c", ["x"])[0] == -1  # an API error is a failed trial
 
 
 # -- the step: render, apply, gate -----------------------------------------------------------------
@@ -732,8 +727,11 @@ def test_apply_lands_the_baseline_last_and_is_idempotent(emu: KubeEmulator,
                 for kind in (CCNP, CNP) for o in emu.list(CILIUM_API, kind)}
 
     before = stored()
+    emu.clear_requests()
     LockedStep(exec_fn=lambda *a: (0, "")).apply(ctx)
     assert stored() == before and len(before) == 8
+    # re-applied in place: nothing created, replaced or deleted (probe pods included)
+    assert [(r.method, r.path) for r in emu.writes() if r.method != "PATCH"] == []
 
 
 def test_apply_prunes_what_it_no_longer_renders(emu: KubeEmulator, tmp_path: Path) -> None:
@@ -785,16 +783,6 @@ def test_gate_names_each_broken_half(locked: tuple[StepContext, FakeCluster, Loc
     assert bad["the demo route answers through the Gateway from the host"] == "no HTTPS answer"
 
 
-def test_gate_without_exec_says_what_is_missing(emu: KubeEmulator, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    _namespace(emu, "echo")
-    ctx = make_ctx(tmp_path, emu)
-    step = LockedStep()
-    step.apply(ctx)
-    monkeypatch.setattr("lab.steps.locked.kube_exec", lambda kube: None)
-    assert "no exec" in failing(step.ready(ctx))["live probe"]
-
-
 def test_gate_waits_for_probe_pods(emu: KubeEmulator, tmp_path: Path) -> None:
     _namespace(emu, "echo")
     ctx = make_ctx(tmp_path, emu)
@@ -806,7 +794,12 @@ def test_gate_waits_for_probe_pods(emu: KubeEmulator, tmp_path: Path) -> None:
 
 def test_probe_objects_validate() -> None:
     require_upstream()
-    for obj in probe_objects():
+    objects = probe_objects()
+    assert sorted((o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"])
+                  for o in objects) == sorted(
+        [*(("Namespace", None, ns) for ns in PROBE_NAMESPACES),
+         *(("Pod", ns, PROBE_POD) for ns in PROBE_NAMESPACES)])
+    for obj in objects:
         assert validate_object(obj) == [], obj["kind"]
 
 

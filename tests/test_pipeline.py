@@ -113,7 +113,8 @@ def test_concurrent_up_is_refused_naming_the_holder(lab_env: LabEnv) -> None:
     assert proc.returncode == 1
     assert "locked by pid" in proc.stderr and "lab.up (test holder)" in proc.stderr
     # Only read-only preflight queries ran (tool versions); nothing touched a cluster.
-    assert {argv[0] for argv in lab_env.calls("kind")} <= {"version"}
+    assert {argv[0] for argv in lab_env.calls()} <= {"version"}
+    assert lab_env.emulators["lab"].requests == []
 
 
 def test_bad_config_is_refused_before_any_side_effect(lab_env: LabEnv) -> None:
@@ -138,7 +139,9 @@ def test_down_deletes_cluster_and_record(lab_env: LabEnv) -> None:
     lab_env.run("lab.up", "--to", "cluster")
     proc = lab_env.run("lab.down")
     assert "lab" in proc.stdout
-    assert lab_env.calls("kind", "delete")
+    assert [argv[:4] for argv in lab_env.calls("kind", "delete")] == [
+        ["delete", "cluster", "--name", "lab"]]
+    assert json.loads((lab_env.fake_state / "kind.json").read_text())["clusters"] == {}
     assert not (lab_env.state_dir / "clusters" / "lab.json").exists()
     status = json.loads(lab_env.run("lab.status", "--json", "--offline").stdout)
     assert status[0]["state"] == "absent"

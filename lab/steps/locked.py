@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lab.errors import LabError
-from lab.kube import KubeError, condition
+from lab.kube import KubeClient, KubeError, condition
 from lab.policies import (
     ACTORS,
     CCNP,
@@ -75,21 +75,16 @@ ExecFn = Callable[[str, str, str | None, list[str]], tuple[int, str]]
 HttpsFn = Callable[[StepContext], tuple[bool, str]]
 
 
-def kube_exec(kube: Any, timeout: float = 30) -> ExecFn | None:
-    """Adapt ``KubeClient.exec(namespace, pod, command, container=None, timeout=…)`` (whose
-    result carries ``returncode`` or ``rc``, ``stdout`` and ``stderr``); None if it is missing."""
-    method = getattr(kube, "exec", None)
-    if method is None:
-        return None
+def kube_exec(kube: KubeClient, timeout: float = 30) -> ExecFn:
+    """Adapt ``KubeClient.exec`` to ``(namespace, pod, container, argv) -> (rc, output)``."""
+    method = kube.exec
 
     def run(namespace: str, pod: str, container: str | None, argv: list[str]) -> tuple[int, str]:
         try:
             res = method(namespace, pod, argv, container=container, timeout=timeout)
         except KubeError as exc:
             return -1, f"exec failed: {exc.message}"
-        rc = getattr(res, "returncode", getattr(res, "rc", -1))
-        out = f"{getattr(res, 'stdout', '') or ''}{getattr(res, 'stderr', '') or ''}"
-        return int(rc if rc is not None else -1), out
+        return res.returncode, f"{res.stdout or ''}{res.stderr or ''}"
 
     return run
 
@@ -375,7 +370,7 @@ class LockedStep:
         self.exec_fn = exec_fn
         self.https_fn = https_fn or default_https
 
-    def executor(self, ctx: StepContext) -> ExecFn | None:
+    def executor(self, ctx: StepContext) -> ExecFn:
         return self.exec_fn or kube_exec(ctx.kube)
 
     def render(self, ctx: StepContext) -> Rendered:
@@ -471,10 +466,6 @@ class LockedStep:
               if drifted else f"{len(policies)} policies")
         v.add("policies valid (operator's Valid condition)", not invalid, "; ".join(invalid))
         exec_fn = self.executor(ctx)
-        if exec_fn is None:
-            v.add("live probe", False, "lab.kube.KubeClient has no exec(namespace, pod, command, "
-                                       "container=None, timeout=…) yet")
-            return v
         v.checks.append(self._realized(ctx, exec_fn, policies))
         pods = {ns: k.get("v1", "Pod", PROBE_POD, ns) for ns in PROBE_NAMESPACES}
         not_ready = [ns for ns, p in pods.items() if not _ready(p) or not _pod_ip(p)]
