@@ -163,7 +163,9 @@ def _print_plan(plan: list[dict[str, Any]]) -> None:
     for item in plan:
         print(f"{item['cluster']}: {item['step']} — {item['title']}")
         for cmd in item["commands"]:
-            print(f"    $ {cmd}")
+            # tool commands run as shown; the rest are API operations described in words
+            shell = cmd.split()[0] in ("kind", "helm", "docker")
+            print(f"    {'$ ' if shell else ''}{cmd}")
         for h in item["helm"]:
             print(f"    helm release {h}")
         for o in item["objects"]:

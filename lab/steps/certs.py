@@ -357,7 +357,7 @@ class CertsStep:
             objects=[*ca_objects(ctx), *demo_objects(ctx), gateway_https_object()],
             commands=[["helm", "upgrade", "--install", release.release, release.chart,
                        "--version", release.version, "--namespace", release.namespace,
-                       "--create-namespace", "--values", release.values_file],
+                       "--create-namespace", "--values", str(ctx.work_dir / release.values_file)],
                       node_port_command({443: ctx.cluster.gateway.https_node_port})],
         )
 

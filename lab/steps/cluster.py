@@ -75,8 +75,7 @@ class ClusterStep:
         return Rendered(
             files={KIND_CONFIG_FILE: dump_yaml(kind_config(ctx))},
             commands=[["kind", "create", "cluster", "--name", ctx.cluster.name,
-                       "--config", str(cfg_path)],
-                      ["kind", "export", "kubeconfig", "--name", ctx.cluster.name]],
+                       "--config", str(cfg_path)]],
         )
 
     def _exists(self, ctx: StepContext) -> bool:

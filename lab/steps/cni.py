@@ -130,7 +130,8 @@ class CniStep:
             helm=[release],
             commands=[["helm", "upgrade", "--install", "cilium", release.chart, "--version",
                        release.version, "--namespace", "kube-system", "--values",
-                       release.values_file, "--values", "<lab CA values, 0600>"]],
+                       str(ctx.work_dir / release.values_file), "--values",
+                       "<lab CA values, 0600>"]],
             objects=[],
         )
 

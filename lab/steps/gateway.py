@@ -171,10 +171,9 @@ def gateway_objects(pool: str, source: str) -> list[Obj]:
 
 
 def node_port_command(ports: dict[int, int]) -> list[str]:
-    """The equivalent kubectl command (for --dry-run): ServicePorts merge by `port`."""
-    patch = {"spec": {"ports": [{"port": p, "nodePort": n} for p, n in ports.items()]}}
-    return ["kubectl", "-n", GATEWAY_NAMESPACE, "patch", "service", GATEWAY_SERVICE,
-            "--type", "strategic", "-p", json.dumps(patch, separators=(",", ":"))]
+    """The API operation, for --dry-run: the Service's ports patched to the static NodePorts."""
+    return ["patch", f"Service {GATEWAY_NAMESPACE}/{GATEWAY_SERVICE}", "nodePorts",
+            ", ".join(f"port-{p}→{n}" for p, n in ports.items())]
 
 
 def field_manager_for(obj: Obj, gateway_manager: str) -> str:
