@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lab.errors import LabError
-from lab.kube import KubeClient, condition
+from lab.kube import KubeClient, condition_true
 
 VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "REDIRECTED", "ERROR", "TRACED", "TRANSLATED")
 UI_PORT = 8081  # hubble-ui's frontend container port
@@ -63,8 +63,7 @@ def relay_address(kube: KubeClient) -> str:
 
 def ready_pod(kube: KubeClient, namespace: str, selector: str, what: str) -> str:
     for pod in kube.list("v1", "Pod", namespace, label_selector=selector):
-        ready = condition(pod, "Ready")
-        if ready and ready.get("status") == "True":
+        if condition_true(pod, "Ready"):
             return str(pod["metadata"]["name"])
     raise LabError(f"no ready {what} pod ({namespace}, {selector})",
                    "check `invoke lab.status`; the cni gate names what is not ready")

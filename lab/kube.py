@@ -441,3 +441,22 @@ def condition(obj: Obj | None, type_: str) -> Obj | None:
         if c.get("type") == type_:
             return dict(c)
     return None
+
+
+def condition_true(obj: Obj | None, type_: str) -> bool:
+    """The status condition of that type exists and is True."""
+    c = condition(obj, type_)
+    return bool(c and c.get("status") == "True")
+
+
+def deployment_available(dep: Obj | None) -> tuple[bool, str]:
+    """Rolled out at its current generation: Available, every replica ready and updated."""
+    if dep is None:
+        return False, "missing"
+    st, gen = dep.get("status", {}), dep.get("metadata", {}).get("generation")
+    if st.get("observedGeneration") != gen:
+        return False, f"observedGeneration {st.get('observedGeneration')} ≠ generation {gen}"
+    want = dep.get("spec", {}).get("replicas", 1)
+    ok = (condition_true(dep, "Available") and st.get("readyReplicas", 0) == want
+          and st.get("updatedReplicas", 0) == want)
+    return ok, f"{st.get('readyReplicas', 0)}/{want} ready"

@@ -141,6 +141,26 @@ def write_config(path: Path, clusters: list[dict[str, Any]] | None = None,
     return path
 
 
+def step_context(tmp_path: Path, raw: dict[str, Any], emu: KubeEmulator | None = None,
+                 timeouts: Any = None, bin_dir: Path | None = None) -> Any:
+    """A StepContext for the first cluster of ``raw`` (state under tmp_path), talking to ``emu``
+    through a kubeconfig of its own (or to nothing)."""
+    from lab import logs
+    from lab.config import parse_config
+    from lab.state import Record, StateStore
+    from lab.steps.base import StepContext
+    from lab.tools import Tools
+
+    raw = {**raw, "stateDir": str(tmp_path / ".lab")}
+    cfg = parse_config(raw, tmp_path / "lab.yaml")
+    c = cfg.clusters[0]
+    kubeconfig = str(emu.write_kubeconfig(tmp_path / "kubeconfig", context=c.kube_context)) \
+        if emu else str(tmp_path / "no-kubeconfig")
+    log = logs.get("test")
+    return StepContext(cfg, c, StateStore(cfg.state_dir), Record(cluster=c.name),
+                       Tools(bin_dir, log, pinned={}), log, timeouts, kubeconfig)
+
+
 def ready_node(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},

@@ -30,11 +30,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lab import logs, trust
-from lab.config import parse_config
+from lab import trust
 from lab.errors import LabError
 from lab.network import PoolError
-from lab.state import Record, StateStore
 from lab.steps.base import StepContext, Timeouts, Verdict
 from lab.steps.certs import (
     CA_NAME,
@@ -61,12 +59,10 @@ from lab.steps.gateway import (
     ensure_node_ports,
     resolve_pool,
 )
-from lab.tools import Tools
+from tests.conftest import FAKE_BIN, REPO, step_context
 from tests.support.emulator import KubeEmulator
 from tests.support.upstream import require_upstream, validate_helm_values, validate_object
 
-REPO = Path(__file__).resolve().parent.parent
-FAKE_BIN = REPO / "tests" / "fakes" / "bin"
 FAST = Timeouts(cluster=3, cni=3, gateway=3, certs=3, locked=3, meshed=3,
                 poll_start=0.02, poll_max=0.1)
 Obj = dict[str, Any]
@@ -396,17 +392,11 @@ def cluster(emu: KubeEmulator, pki: Pki) -> FakeCluster:
 def make_ctx(tmp_path: Path, emu: KubeEmulator | None = None,
              cluster: dict[str, Any] | None = None, **top: Any) -> StepContext:
     raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
-    raw["stateDir"] = str(tmp_path / ".lab")
     if cluster is not None:
         raw["clusters"] = [cluster]
     raw.update(top)
-    cfg = parse_config(raw, tmp_path / "lab.yaml")
-    c = cfg.clusters[0]
-    kubeconfig = str(emu.write_kubeconfig(tmp_path / "kubeconfig", context=c.kube_context)) \
-        if emu else str(tmp_path / "no-kubeconfig")
-    log = logs.get("test")
-    return StepContext(cfg, c, StateStore(cfg.state_dir), Record(cluster=c.name),
-                       Tools(FAKE_BIN, log, pinned={}), log, FAST, kubeconfig)
+    ctx: StepContext = step_context(tmp_path, raw, emu, FAST, FAKE_BIN)
+    return ctx
 
 
 def lab_cluster(**gateway: Any) -> dict[str, Any]:

@@ -74,10 +74,10 @@ from lab.steps.locked import (
 )
 from lab.tasks_locked import onboard as onboard_task
 from lab.tools import Tools
+from tests.conftest import REPO, step_context
 from tests.support.emulator import KubeEmulator
 from tests.support.upstream import require_upstream, validate_object
 
-REPO = Path(__file__).resolve().parent.parent
 Obj = dict[str, Any]
 FAST = Timeouts(locked=2, poll_start=0.01, poll_max=0.05)
 
@@ -596,15 +596,9 @@ def test_kube_exec_adapter(emu: KubeEmulator, tmp_path: Path) -> None:
 
 def make_ctx(tmp_path: Path, emu: KubeEmulator | None = None, **top: Any) -> StepContext:
     raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
-    raw["stateDir"] = str(tmp_path / ".lab")
     raw.update(top)
-    cfg = parse_config(raw, tmp_path / "lab.yaml")
-    c = cfg.clusters[0]
-    kubeconfig = str(emu.write_kubeconfig(tmp_path / "kubeconfig", context=c.kube_context)) \
-        if emu else str(tmp_path / "no-kubeconfig")
-    log = logs.get("test")
-    return StepContext(cfg, c, StateStore(cfg.state_dir), Record(cluster=c.name),
-                       Tools(None, log, pinned={}), log, FAST, kubeconfig)
+    ctx: StepContext = step_context(tmp_path, raw, emu, FAST)
+    return ctx
 
 
 def test_render_is_pure_and_complete(tmp_path: Path) -> None:

@@ -27,7 +27,15 @@ from typing import Any
 
 from lab.errors import LabError
 from lab.helm import ensure_release
-from lab.kube import Conflict, Invalid, KubeClient, KubeError, NotFound, condition
+from lab.kube import (
+    Conflict,
+    Invalid,
+    KubeClient,
+    KubeError,
+    NotFound,
+    condition,
+    deployment_available,
+)
 from lab.steps.base import HelmRelease, Obj, Rendered, StepContext, Verdict
 from lab.steps.gateway import (
     CERTS_FIELD_MANAGER,
@@ -220,19 +228,6 @@ def gateway_https_object() -> Obj:
 
 
 # -- checks ----------------------------------------------------------------------------------------
-
-def deployment_available(dep: Obj | None) -> tuple[bool, str]:
-    if dep is None:
-        return False, "missing"
-    st, gen = dep.get("status", {}), dep.get("metadata", {}).get("generation")
-    if st.get("observedGeneration") != gen:
-        return False, f"observedGeneration {st.get('observedGeneration')} ≠ generation {gen}"
-    want = dep.get("spec", {}).get("replicas", 1)
-    avail = condition(dep, "Available")
-    ok = (bool(avail and avail.get("status") == "True") and st.get("readyReplicas", 0) == want
-          and st.get("updatedReplicas", 0) == want)
-    return ok, f"{st.get('readyReplicas', 0)}/{want} ready"
-
 
 def webhook_answers(kube: KubeClient) -> tuple[bool, str]:
     """A server-side dry-run create goes through cert-manager's validating webhook."""

@@ -21,7 +21,7 @@ import yaml
 from lab import ca
 from lab.errors import LabError
 from lab.helm import ensure_release
-from lab.kube import KubeError, condition
+from lab.kube import KubeError, condition, condition_true, deployment_available
 from lab.steps.base import HelmRelease, Rendered, StepContext, Verdict
 
 MANIFESTS = Path(__file__).resolve().parent.parent.parent / "manifests"
@@ -192,10 +192,10 @@ class CniStep:
             v.add(f"daemonset {name} rolled out", *_daemonset_ready(ds))
         for name in DEPLOYMENTS + (("clustermesh-apiserver",) if ctx.lab.is_mesh else ()):
             dep = k.get("apps/v1", "Deployment", name, "kube-system")
-            v.add(f"deployment {name} available", *_deployment_ready(dep))
+            v.add(f"deployment {name} available", *deployment_available(dep))
         nodes = k.list("v1", "Node")
         not_ready = [n["metadata"]["name"] for n in nodes
-                     if (condition(n, "Ready") or {}).get("status") != "True"]
+                     if not condition_true(n, "Ready")]
         v.add("nodes Ready", bool(nodes) and not not_ready,
               f"not Ready: {', '.join(not_ready)}" if not_ready else f"{len(nodes)} Ready")
         pods = k.list("v1", "Pod", "kube-system")
@@ -203,7 +203,7 @@ class CniStep:
                  if p.get("status", {}).get("phase") in ("Pending", "Failed", "Unknown")]
         v.add("no Pending or failed pods in kube-system", not stuck, ", ".join(stuck))
         agents = [p for p in pods if p["metadata"].get("labels", {}).get("k8s-app") == "cilium"]
-        unhealthy = [p["metadata"]["name"] for p in agents if not _pod_ready(p)]
+        unhealthy = [p["metadata"]["name"] for p in agents if not condition_true(p, "Ready")]
         # The agent's readiness probe is its own /healthz, which answers OK only while
         # `cilium-dbg status` is healthy: a Ready agent pod is the agent's own verdict.
         v.add("every agent healthy", len(agents) == len(nodes) and not unhealthy,
@@ -222,7 +222,7 @@ class CniStep:
         """Hubble relay serving flows for every node, asked from an agent through the relay."""
         from lab.steps.base import Check
 
-        ready_agents = [p for p in agents if _pod_ready(p)]
+        ready_agents = [p for p in agents if condition_true(p, "Ready")]
         svc = ctx.kube.get("v1", "Service", "hubble-relay", "kube-system")
         if not ready_agents or not svc:
             return Check("hubble relay serves every node", False,
@@ -272,24 +272,6 @@ def _daemonset_ready(ds: dict[str, Any] | None) -> tuple[bool, str]:
         return False, f"observedGeneration {st.get('observedGeneration')} ≠ generation {gen}"
     ok = desired > 0 and desired == ready == updated == available
     return ok, f"{ready}/{desired} ready, {updated} updated, {available} available"
-
-
-def _deployment_ready(dep: dict[str, Any] | None) -> tuple[bool, str]:
-    if dep is None:
-        return False, "missing"
-    st, gen = dep.get("status", {}), dep["metadata"].get("generation")
-    want = dep.get("spec", {}).get("replicas", 1)
-    if st.get("observedGeneration") != gen:
-        return False, f"observedGeneration {st.get('observedGeneration')} ≠ generation {gen}"
-    avail = condition(dep, "Available")
-    ok = (bool(avail and avail.get("status") == "True") and st.get("readyReplicas", 0) == want
-          and st.get("updatedReplicas", 0) == want)
-    return ok, f"{st.get('readyReplicas', 0)}/{want} ready"
-
-
-def _pod_ready(pod: dict[str, Any]) -> bool:
-    c = condition(pod, "Ready")
-    return bool(c and c.get("status") == "True")
 
 
 def _relay_connected_nodes(text: str) -> int | None:

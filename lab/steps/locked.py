@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lab.errors import LabError
-from lab.kube import KubeClient, KubeError, condition
+from lab.kube import KubeClient, KubeError, condition, condition_true
 from lab.policies import (
     ACTORS,
     CCNP,
@@ -296,24 +296,19 @@ def connect_outcome(rc: int, out: str) -> str:
 
 # -- live context ----------------------------------------------------------------------------------
 
-def _ready(pod: Obj | None) -> bool:
-    c = condition(pod, "Ready")
-    return bool(c and c.get("status") == "True")
-
-
 def _pod_ip(pod: Obj | None) -> str:
     return str(((pod or {}).get("status") or {}).get("podIP") or "")
 
 
 def _first_pod(ctx: StepContext, namespace: str, selector: str) -> Obj | None:
     pods = [p for p in ctx.kube.list("v1", "Pod", namespace, label_selector=selector)
-            if _ready(p)]
+            if condition_true(p, "Ready")]
     return pods[0] if pods else None
 
 
 def ready_agents(ctx: StepContext) -> list[Obj]:
     return [p for p in ctx.kube.list("v1", "Pod", "kube-system", label_selector="k8s-app=cilium")
-            if _ready(p)]
+            if condition_true(p, "Ready")]
 
 
 def relay_server(ctx: StepContext) -> str | None:
@@ -468,7 +463,8 @@ class LockedStep:
         exec_fn = self.executor(ctx)
         v.checks.append(self._realized(ctx, exec_fn, policies))
         pods = {ns: k.get("v1", "Pod", PROBE_POD, ns) for ns in PROBE_NAMESPACES}
-        not_ready = [ns for ns, p in pods.items() if not _ready(p) or not _pod_ip(p)]
+        not_ready = [ns for ns, p in pods.items()
+                     if not condition_true(p, "Ready") or not _pod_ip(p)]
         if not v.add("probe pods ready", not not_ready,
                      f"not ready: {', '.join(not_ready)}" if not_ready else ""):
             return v

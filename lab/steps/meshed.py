@@ -19,7 +19,7 @@ from typing import Any
 
 from lab.errors import LabError
 from lab.helm import ensure_release
-from lab.kube import KubeError, condition
+from lab.kube import KubeError, condition_true
 from lab.state import STATES
 from lab.steps.base import Check, Rendered, StepContext, Verdict
 from lab.steps.cni import cilium_release, cilium_values
@@ -156,8 +156,7 @@ class MeshStep:
         v = Verdict("meshed")
         k = ctx.kube
         dep = k.get("apps/v1", "Deployment", "clustermesh-apiserver", "kube-system")
-        avail = condition(dep, "Available")
-        v.add("clustermesh-apiserver ready", bool(avail and avail.get("status") == "True"),
+        v.add("clustermesh-apiserver ready", condition_true(dep, "Available"),
               "missing" if dep is None else "")
         peers = [p["name"] for p in ctx.facts.get("meshPeers", [])]
         v.checks.append(self._agents_connected(ctx, peers))
@@ -198,8 +197,7 @@ class MeshStep:
             return Check(name, False, f"{', '.join(absent)} has not joined the mesh yet: run "
                          "`invoke lab.mesh` (every cluster joins in parallel)")
         probe = ctx.kube.get("v1", "Pod", PROBE_POD, DEMO_NAMESPACE)
-        ready = condition(probe, "Ready")
-        if not (ready and ready.get("status") == "True"):
+        if not condition_true(probe, "Ready"):
             return Check(name, False, "the mesh probe pod is not ready")
         url = f"http://{DEMO_SERVICE}.{DEMO_NAMESPACE}.svc.cluster.local:{DEMO_PORT}/hostname"
         seen: set[str] = set()
