@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 from typing import Any
 
 from lab.errors import ToolError
@@ -109,7 +108,3 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def _normalise(values: dict[str, Any]) -> str:
     return json.dumps(values, sort_keys=True, default=str)
-
-
-def values_path(ctx: StepContext, release: HelmRelease) -> Path:
-    return ctx.work_dir / release.values_file

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import ca, logs
+from lab.bootstrap import lab_tools
 from lab.config import ClusterConfig, LabConfig
 from lab.errors import LabError
 from lab.kube import KubeError
@@ -21,24 +22,18 @@ from lab.pipeline import ClusterPipeline
 from lab.state import STATES, Record, StateStore
 from lab.steps.base import CANCELLED, Check, Rendered, StepContext, Timeouts, Verdict, dump_yaml
 from lab.steps.cluster import kind_kubeconfig_write
-from lab.steps.registry import STEPS, implemented_states
-from lab.tools import Tools
+from lab.steps.registry import STEPS
 from lab.ui import Progress
 
 
 def default_target(cfg: LabConfig) -> str:
-    states = implemented_states()
-    want = "meshed" if cfg.is_mesh else "locked"
-    return want if want in states else states[-1]
+    return "meshed" if cfg.is_mesh else "locked"
 
 
 def check_target(cfg: LabConfig, target: str) -> None:
     if target not in STATES or target == "absent":
         raise LabError(f"unknown target state {target!r}",
                        f"use one of: {', '.join(STATES[1:])} (or `invoke lab.down`)")
-    if target not in implemented_states():
-        raise LabError(f"state {target!r} is not available in this version",
-                       f"the furthest state is {implemented_states()[-1]!r}")
     if target == "meshed" and not cfg.is_mesh:
         raise LabError("`meshed` needs at least two clusters in the config",
                        "use config/mesh.yaml (`--config config/mesh.yaml`) or stop at `locked`")
@@ -53,15 +48,13 @@ class Lab:
         self.progress = progress or Progress()
         self.timeouts = timeouts or Timeouts.from_env()
         self.log = logs.get("lab")
-        v = cfg.versions
-        self.pinned = {"kind": v.kind, "helm": v.helm, "cilium": v.cilium_cli}
 
     def context(self, cluster: ClusterConfig, record: Record | None = None,
                 dry_run: bool = False) -> StepContext:
-        tools = Tools(self.cfg.state_dir / "bin", self.log.bind(cluster=cluster.name), self.pinned)
+        log = self.log.bind(cluster=cluster.name)
         return StepContext(self.cfg, cluster, self.store,
-                           record or self.store.load(cluster.name), tools,
-                           self.log.bind(cluster=cluster.name), self.timeouts,
+                           record or self.store.load(cluster.name), lab_tools(self.cfg, log),
+                           log, self.timeouts,
                            self.kubeconfig, dry_run)
 
     # -- up --------------------------------------------------------------------------------------
@@ -72,7 +65,6 @@ class Lab:
         check_target(self.cfg, target)
         chosen = [self.cfg.cluster(n) for n in clusters] if clusters else list(self.cfg.clusters)
         before_mesh = "locked" if target == "meshed" else target
-        before_mesh = min(before_mesh, implemented_states()[-1], key=STATES.index)
         if STATES.index(target) >= STATES.index("cni"):
             ca.load_or_create(self.cfg.state_dir)  # once, before clusters run in parallel
         self._parallel(chosen, lambda c: self._up_cluster(c, before_mesh, resume))

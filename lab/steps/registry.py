@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from lab.state import STATES
 from lab.steps.base import Step
 from lab.steps.certs import CertsStep
 from lab.steps.cluster import ClusterStep
@@ -20,12 +19,3 @@ STEPS: dict[str, Step] = {
     "meshed": MeshStep(),
 }
 
-
-def implemented_states() -> list[str]:
-    """``absent`` plus every state with a step, in pipeline order (always a prefix)."""
-    out = ["absent"]
-    for name in STATES[1:]:
-        if name not in STEPS:
-            break
-        out.append(name)
-    return out
