@@ -1,4 +1,4 @@
-"""Invoke entry point: `invoke --list`. Every task lives in the `lab` collection (lab/tasks.py)."""
+"""Invoke entry point: `invoke --list`. Every task lives in the `lab` collection (lab/tasks/)."""
 
 from invoke.collection import Collection
 

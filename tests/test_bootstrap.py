@@ -382,7 +382,7 @@ def test_tools_task_installs_and_reports(cfg: LabConfig, server: Server, tmp_pat
     from invoke.context import Context
     from invoke.exceptions import Exit
 
-    from lab.tasks_tools import tools as tools_task
+    from lab.tasks.tools import tools as tools_task
 
     os_name, arch = platform_pair()
     kind = script(f"kind {KIND_V} go1.24.2 {os_name}/{arch}")

@@ -72,7 +72,7 @@ from lab.steps.locked import (
     probe_objects,
     try_flow,
 )
-from lab.tasks_locked import onboard as onboard_task
+from lab.tasks.apps import onboard as onboard_task
 from lab.tools import Tools
 from tests.conftest import REPO, step_context
 from tests.support.emulator import KubeEmulator

@@ -66,3 +66,15 @@ def test_invoke_list_does_not_import_the_kubernetes_client() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, timeout=60, check=True)
     assert proc.stdout.strip().splitlines()[-1].split()[0] == "False"
+
+
+def test_task_modules_are_named_for_what_their_tasks_do() -> None:
+    """lab/tasks/<module>.py holds exactly the tasks a user reaches for that kind of work."""
+    from lab.tasks import access, apps, lifecycle, tools
+
+    layout = {mod.__name__.rsplit(".", 1)[-1]: sorted(t.name for t in tasks) for mod, tasks in (
+        (lifecycle, lifecycle.LIFECYCLE_TASKS), (tools, tools.TOOL_TASKS),
+        (access, access.ACCESS_TASKS), (apps, apps.APP_TASKS))}
+    assert layout == {"lifecycle": ["down", "mesh", "render", "status", "up"],
+                      "tools": ["doctor", "tools"], "access": ["hubble", "trust"],
+                      "apps": ["onboard"]}

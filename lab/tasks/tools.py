@@ -1,7 +1,5 @@
-"""Tasks `lab.doctor` (preflight checks) and `lab.tools` (pinned, checksum-verified tool bootstrap).
-
-Added to the `lab` collection by lab/tasks.py (``DOCTOR_TASKS``).
-"""
+"""Tool tasks: `lab.tools` (pinned, checksum-verified kind/helm/Cilium CLI) and `lab.doctor`
+(preflight checks, each with its fix)."""
 
 from __future__ import annotations
 
@@ -96,7 +94,7 @@ def tools(c: Context, config: str | None = None, no_download: bool = False,
               f'export PATH="{bin_dir}:$PATH"')
 
 
-DOCTOR_TASKS = (doctor, tools)
+TOOL_TASKS = (tools, doctor)
 
 
 # -- printing --------------------------------------------------------------------------------------

@@ -1,6 +1,5 @@
-"""Task `lab.onboard`: give an application its CiliumNetworkPolicy (and HTTPRoute) under lockdown.
-
-Added to the `lab` collection by lab/tasks.py (``LOCKED_TASKS``). Long options only: an automatic
+"""Application tasks: `lab.onboard` gives an application its CiliumNetworkPolicy (and HTTPRoute)
+under lockdown. Long options only: an automatic
 `-h` for --host would shadow the help flag users reach for.
 """
 
@@ -66,4 +65,4 @@ def onboard(c: Context, name: str, namespace: str | None = None, port: str | Non
         print(f"  note: {note}")
 
 
-LOCKED_TASKS = (onboard,)
+APP_TASKS = (onboard,)

@@ -1,4 +1,7 @@
-"""The `lab` Invoke collection. Thin: parse options, call the runner, print, map errors to Exit."""
+"""Lifecycle tasks: `lab.up`, `lab.mesh`, `lab.down`, `lab.status`, `lab.render`.
+
+Thin: parse options, call the runner, print, map errors to Exit.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from invoke.collection import Collection
 from invoke.context import Context
 from invoke.tasks import task
 
@@ -17,9 +19,6 @@ from lab.cli import CONFIG_HELP, LOG_HELP
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 from lab.config import LabConfig
-from lab.tasks_gateway import GATEWAY_TASKS
-from lab.tasks_locked import LOCKED_TASKS
-from lab.tasks_tools import DOCTOR_TASKS
 
 
 def _lab(cfg: LabConfig) -> Any:
@@ -206,51 +205,4 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
             console.print("  ! the config changed since the last `lab.up`; run it again")
 
 
-@task(help={
-    "config": CONFIG_HELP,
-    "cluster": "which cluster (default: the first)",
-    "observe": "stream flows through hubble-relay instead of opening the UI",
-    "verdict": "with --observe: only flows with this verdict (e.g. DROPPED, FORWARDED)",
-    "namespace": "with --observe: only flows to or from this namespace",
-    "pod": "with --observe: only flows to or from this pod ([namespace/]name prefix)",
-    "last": "with --observe: start with the last N flows (0: only new ones)",
-    "follow": "with --observe: keep streaming (--no-follow prints what is there and stops)",
-    "output": "with --observe: compact, dict, json or table",
-    "port": "local port for the UI (default 12000)",
-    "log_format": LOG_HELP,
-})
-def hubble(c: Context, config: str | None = None, cluster: str | None = None,
-           observe: bool = False, verdict: str | None = None, namespace: str | None = None,
-           pod: str | None = None, last: int = 0, follow: bool = True,
-           output: str = "compact", port: int = 12000, log_format: str | None = None) -> None:
-    """Open the Hubble UI (port-forward), or stream flows cluster-wide with --observe."""
-    import threading
-
-    from lab import hubble as hub
-    from lab.kube import KubeClient
-
-    cfg = _setup(config, log_format)
-    target = _guard(lambda: cfg.cluster(cluster) if cluster else cfg.clusters[0])
-    kube = KubeClient(target.kube_context, os.environ.get("LAB_KUBECONFIG"))
-    if observe:
-        flt = hub.ObserveFilter(verdict=verdict, namespace=namespace, pod=pod,
-                                follow=follow, last=last or None, output=output)
-        _guard(flt.validate)
-        for chunk in _guard(lambda: hub.observe(kube, flt)):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        return
-    ui = _guard(lambda: hub.ready_pod(kube, "kube-system", "k8s-app=hubble-ui", "hubble-ui"))
-    stop = threading.Event()
-    print(f"Hubble UI for {target.name}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    try:
-        _guard(lambda: kube.port_forward("kube-system", ui, hub.UI_PORT, port, stop))
-    except KeyboardInterrupt:
-        stop.set()
-
-
-namespace = Collection("lab")
-for _t in (up, mesh, down, status, render, hubble):
-    namespace.add_task(_t)
-for _t in (*DOCTOR_TASKS, *GATEWAY_TASKS, *LOCKED_TASKS):
-    namespace.add_task(_t)
+LIFECYCLE_TASKS = (up, mesh, down, status, render)
