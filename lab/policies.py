@@ -24,22 +24,29 @@ firewall, which the lab does not enable. Two directions stay deliberately open b
 them would depend on the environment and fail silently: CoreDNS's egress (its upstream on kind is
 the Docker network's resolver) and the ingress of cert-manager's controller/cainjector (metrics).
 
+Default deny, as Cilium really does it
+-------------------------------------
+Cilium 1.18 enforces a direction for an endpoint only when some rule selecting it has a section
+for that direction (``ingress``/``ingressDeny``, ``egress``/``egressDeny``;
+``pkg/policy/repository.go``). ``enableDefaultDeny`` can only switch enforcement *off* for such a
+rule, never on. So the baseline carries ``ingress: [{}]``: the one empty rule, which selects no
+peer and allows nothing, and puts ingress into enforcement. Every onboarded application's policy
+carries an ingress section too (its allowances, or ``[{}]``).
+
 Reading the policies
 --------------------
-Each policy's ``spec.description`` is its one-line "why". ``find_allow_all`` refuses empty rules
-(``{}`` — in Cilium an empty rule or selector means *allow all*), rules without a peer and the
-``all`` entity. ``MATRIX`` lists flows with the expected verdict; ``decide`` evaluates a flow
-against rendered policies (a small model of Cilium's semantics, enough for these shapes) and names
-the rule that allows it. The same matrix drives the live trials in ``lab.steps.locked``.
+Each policy's ``spec.description`` is its one-line "why". ``find_allow_all`` refuses allow rules
+that admit every peer (no peer named, empty selectors, the ``all`` entity or ``0.0.0.0/0`` on every
+port) and accepts the exact empty rule. What the policies must allow and deny, flow by flow, is
+data: ``lab/data/policy-matrix.yaml`` (:mod:`lab.matrix`), judged offline by Cilium's own policy
+engine and tried live by the ``locked`` gate and ``lab.verify``.
 """
 
 from __future__ import annotations
 
 import copy
-import fnmatch
-import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from lab.steps.gateway import GATEWAY_NAMESPACE
@@ -69,6 +76,10 @@ APP_NAMESPACES: Obj = {"matchExpressions": [
     {"key": NS, "operator": "Exists"},
     {"key": NS, "operator": "NotIn", "values": list(INFRA_NAMESPACES)},
 ]}
+
+# The one empty rule: it selects no peer and allows nothing, but its presence puts the
+# direction into enforcement (upstream examples/policies/l3/egress-default-deny).
+DENY_ALL: Obj = {}
 
 DEFAULT_DENY = "lab-default-deny"
 GATEWAY_ENVOY = "lab-gateway-envoy"
@@ -100,8 +111,11 @@ def default_deny() -> Obj:
                    "Zero-trust baseline: application pods accept nothing and may only ask kube-dns "
                    "(L7 DNS rule, so Hubble shows every name asked for)",
                    {"endpointSelector": APP_NAMESPACES,
-                    # Ingress has no rule at all: explicit default deny, never an empty rule.
+                    # Cilium enforces a direction only for endpoints selected by a rule with a
+                    # section for it (pkg/policy/repository.go); enableDefaultDeny can only
+                    # switch that off. `ingress: [{}]` enforces ingress and admits no one.
                     "enableDefaultDeny": {"ingress": True, "egress": True},
+                    "ingress": [DENY_ALL],
                     "egress": [{"toEndpoints": [DNS_PEER],
                                 "toPorts": [{"ports": DNS_PORTS,
                                              "rules": {"dns": [{"matchPattern": "*"}]}}]}]})
@@ -149,8 +163,10 @@ def hubble_relay() -> Obj:
 def hubble_ui() -> Obj:
     return _policy(CNP, "lab-infra-hubble-ui", "kube-system",
                    "hubble-ui's backend reads flows from the relay and namespaces from the "
-                   "kube-apiserver; nothing else",
+                   "kube-apiserver; nobody calls it (users reach it by port-forward, inside "
+                   "the pod's network namespace)",
                    {"endpointSelector": {"matchLabels": {"k8s:k8s-app": "hubble-ui"}},
+                    "ingress": [DENY_ALL],
                     "egress": [
                         {"toEndpoints": [{"matchLabels": {NS: "kube-system",
                                                           "k8s:k8s-app": "hubble-relay"}}],
@@ -276,9 +292,10 @@ def app_policy(app: AppSpec, labels: Mapping[str, str] | None = None) -> Obj:
         ingress.append({"fromEndpoints": [p.selector() for p in app.ingress_from],
                         "toPorts": _ports(app.port)})
     spec: Obj = {"endpointSelector": {"matchLabels": {_k8s(k): v
-                                                      for k, v in app.pod_labels.items()}}}
-    if ingress:
-        spec["ingress"] = ingress
+                                                      for k, v in app.pod_labels.items()}},
+                 # Always an ingress section: it is what enforces ingress (and a rule with
+                 # neither section is refused by Cilium's parser).
+                 "ingress": ingress or [DENY_ALL]}
     if app.egress:
         spec["egress"] = [e.rule() for e in app.egress]
     parts = []
@@ -294,6 +311,24 @@ def app_policy(app: AppSpec, labels: Mapping[str, str] | None = None) -> Obj:
                    labels=labels if labels is not None else {ONBOARD_LABEL: app.name})
 
 
+PROBE_LABELS = {"app.kubernetes.io/name": "lab-probe"}
+# The probes of the locked gate: a (DNS only), b (the target), c (egress opened toward b, so a
+# refused connection from c proves the *ingress* default deny of b).
+PROBE_NAMESPACES = ("lab-probe-a", "lab-probe-b", "lab-probe-c")
+PROBE_PORT = 8080
+
+
+def probe_egress() -> Obj:
+    target = {"matchLabels": {NS: PROBE_NAMESPACES[1],
+                              **{_k8s(k): v for k, v in PROBE_LABELS.items()}}}
+    return _policy(CNP, "lab-probe-egress", PROBE_NAMESPACES[2],
+                   "The ingress proof: this probe may open connections to lab-probe-b on 8080, "
+                   "so only lab-probe-b's ingress default deny can stop them",
+                   {"endpointSelector": {"matchLabels": {_k8s(k): v
+                                                         for k, v in PROBE_LABELS.items()}},
+                    "egress": [{"toEndpoints": [target], "toPorts": _ports(PROBE_PORT)}]})
+
+
 ECHO_APP = AppSpec(name="echo", namespace="echo", port=8080, host="echo")
 
 
@@ -305,6 +340,7 @@ def render_policies(*, mesh: bool = False, mesh_peer_cidrs: Sequence[str] = (),
     if mesh:
         out.append(clustermesh_apiserver(mesh_peer_cidrs))
     out += [app_policy(a, labels={STEP_LABEL: "locked", ONBOARD_LABEL: a.name}) for a in apps]
+    out.append(probe_egress())
     return out
 
 
@@ -329,300 +365,48 @@ def policy_ref(policy: Obj) -> str:
     return f"{policy.get('kind')} {ns + '/' if ns else ''}{meta.get('name')}"
 
 
+ALL_ADDRESSES = ("0.0.0.0/0", "::/0")
+
+
 def find_allow_all(policies: Iterable[Obj]) -> list[str]:
-    """Every rule that would allow all peers. Empty list: none."""
+    """Every allow rule that would admit every peer (on every port, for the broad forms).
+
+    The exact empty rule ``{}`` is not one: it selects no peer and allows nothing, and is how a
+    direction is put into default deny. Deny sections are not checked: they cannot allow.
+    Empty list: none found.
+    """
     problems: list[str] = []
     for policy in policies:
         for spec in _specs(policy):
-            for section, peers in SECTIONS.items():
+            for section in ("ingress", "egress"):
+                peers = SECTIONS[section]
                 for i, rule in enumerate(spec.get(section) or []):
                     where = f"{policy_ref(policy)}: {section}[{i}]"
-                    if not isinstance(rule, dict) or not rule:
-                        problems.append(f"{where} is an empty rule ({{}}): it allows everything")
+                    if rule == DENY_ALL:
                         continue
-                    present = [k for k in peers if rule.get(k)]
-                    if not present:
+                    if not isinstance(rule, dict):
+                        problems.append(f"{where} is not a rule (a mapping)")
+                        continue
+                    if not any(rule.get(k) for k in peers):
                         problems.append(f"{where} names no peer ({', '.join(peers[:3])}, …): "
-                                        "it applies to every peer")
+                                        "it admits every peer on its ports")
                     for key in ("fromEndpoints", "toEndpoints", "fromNodes", "toNodes"):
                         for sel in rule.get(key) or []:
                             if not sel or not (sel.get("matchLabels")
                                                or sel.get("matchExpressions")):
                                 problems.append(f"{where}.{key} has an empty selector: it "
                                                 "selects every endpoint")
+                    if rule.get("toPorts"):
+                        continue  # the forms below are allow-alls only without ports
                     for key in ("fromEntities", "toEntities"):
                         if "all" in (rule.get(key) or []):
-                            problems.append(f"{where}.{key} names the `all` entity")
+                            problems.append(f"{where}.{key} names the `all` entity on every "
+                                            "port")
+                    cidrs = [*(rule.get("fromCIDR") or []), *(rule.get("toCIDR") or []),
+                             *(c.get("cidr") for c in [*(rule.get("fromCIDRSet") or []),
+                                                       *(rule.get("toCIDRSet") or [])]
+                               if isinstance(c, dict))]
+                    for cidr in cidrs:
+                        if cidr in ALL_ADDRESSES:
+                            problems.append(f"{where} admits {cidr} on every port")
     return problems
-
-
-# -- the matrix ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Actor:
-    """A source or destination: the identity Cilium sees for it."""
-
-    name: str
-    labels: Mapping[str, str]  # identity labels, with their source prefix (k8s:, reserved:)
-    entities: frozenset[str]
-    endpoint: bool = True  # a Cilium endpoint with policy; hosts and the world are not
-    ip: str = ""
-    fqdn: str = ""
-
-    @property
-    def namespace(self) -> str | None:
-        return self.labels.get(NS)
-
-
-def pod_actor(name: str, namespace: str, **labels: str) -> Actor:
-    """A pod: its namespace and labels as Cilium sees them (source `k8s:`)."""
-    return Actor(name, {NS: namespace, **{f"k8s:{k}": v for k, v in labels.items()}},
-                 frozenset({"cluster"}))
-
-
-ACTORS: dict[str, Actor] = {a.name: a for a in (
-    pod_actor("app-a", "lab-probe-a", **{"app.kubernetes.io/name": "lab-probe"}),
-    pod_actor("app-b", "lab-probe-b", **{"app.kubernetes.io/name": "lab-probe"}),
-    pod_actor("echo", "echo", **{"app.kubernetes.io/name": "echo"}),
-    pod_actor("kube-dns", "kube-system", **{"k8s-app": "kube-dns"}),
-    pod_actor("hubble-relay", "kube-system", **{"k8s-app": "hubble-relay"}),
-    pod_actor("hubble-ui", "kube-system", **{"k8s-app": "hubble-ui"}),
-    pod_actor("cert-manager", "cert-manager", **{"app.kubernetes.io/component": "controller",
-                                            "app.kubernetes.io/instance": "cert-manager"}),
-    pod_actor("cert-manager-webhook", "cert-manager", **{"app.kubernetes.io/component": "webhook",
-                                                    "app.kubernetes.io/instance": "cert-manager"}),
-    pod_actor("clustermesh-apiserver", "kube-system", **{"k8s-app": "clustermesh-apiserver"}),
-    Actor("gateway", {"reserved:ingress": ""}, frozenset({"ingress", "cluster"})),
-    Actor("world", {"reserved:world": ""}, frozenset({"world"}), endpoint=False, ip="1.1.1.1",
-          fqdn="one.one.one.one"),
-    Actor("host", {"reserved:host": ""}, frozenset({"host", "cluster"}), endpoint=False),
-    Actor("remote-node", {"reserved:remote-node": ""}, frozenset({"remote-node", "cluster"}),
-          endpoint=False),
-    Actor("kube-apiserver", {"reserved:kube-apiserver": ""},
-          frozenset({"kube-apiserver", "cluster"}), endpoint=False),
-    Actor("kube-apiserver-tunnelled", {"reserved:remote-node": ""},
-          frozenset({"remote-node", "cluster"}), endpoint=False),
-    Actor("remote-cluster-node", {"reserved:world": ""}, frozenset({"world"}), endpoint=False,
-          ip="172.18.0.10"),
-)}
-
-# How the live suite tries a flow (see lab.steps.locked.try_flow); None: proven offline only.
-Trial = Literal["tcp", "dns", "gateway-https", "relay-nodes", "relay-from-agent",
-                "webhook-dry-run", "cert-manager-lease"]
-
-
-@dataclass(frozen=True)
-class Flow:
-    source: str
-    destination: str
-    port: int
-    protocol: str
-    expect: Literal["allowed", "denied"]
-    why: str
-    trial: Trial | None = None
-    when: Literal["always", "mesh"] = "always"
-
-    def __str__(self) -> str:
-        return f"{self.source} → {self.destination}:{self.port}/{self.protocol}"
-
-
-MATRIX: list[Flow] = [
-    Flow("app-a", "app-b", 8080, "TCP", "denied",
-         "applications are isolated from each other by default", "tcp"),
-    Flow("app-a", "kube-dns", 53, "UDP", "allowed", "every application resolves names", "dns"),
-    Flow("app-a", "kube-dns", 53, "TCP", "allowed", "large DNS answers fall back to TCP"),
-    Flow("app-a", "world", 443, "TCP", "denied", "no egress to the internet unless asked for",
-         "tcp"),
-    Flow("app-a", "echo", 8080, "TCP", "denied", "only the Gateway may call echo", "tcp"),
-    Flow("app-a", "hubble-relay", 4245, "TCP", "denied", "applications cannot read flows", "tcp"),
-    Flow("app-a", "cert-manager-webhook", 10250, "TCP", "denied",
-         "only the kube-apiserver calls the webhook", "tcp"),
-    Flow("app-a", "kube-dns", 9153, "TCP", "denied", "CoreDNS serves DNS, not its metrics"),
-    Flow("world", "gateway", 443, "TCP", "allowed",
-         "the Gateway serves clients outside the cluster", "gateway-https"),
-    Flow("host", "gateway", 443, "TCP", "allowed", "the node itself may use the Gateway"),
-    Flow("gateway", "echo", 8080, "TCP", "allowed",
-         "the demo route reaches its backend on its port", "gateway-https"),
-    Flow("gateway", "echo", 9090, "TCP", "denied", "the Gateway reaches echo on 8080 only"),
-    Flow("gateway", "kube-dns", 53, "UDP", "denied", "the Gateway forwards to applications only"),
-    Flow("world", "echo", 8080, "TCP", "denied",
-         "applications are reached only through the Gateway"),
-    Flow("echo", "world", 443, "TCP", "denied", "echo asked for no egress", "tcp"),
-    Flow("echo", "kube-dns", 53, "UDP", "allowed", "echo resolves names", "dns"),
-    Flow("hubble-ui", "hubble-relay", 4245, "TCP", "allowed", "hubble-ui reads flows"),
-    Flow("hubble-ui", "kube-apiserver", 6443, "TCP", "allowed", "hubble-ui lists namespaces"),
-    Flow("hubble-ui", "world", 443, "TCP", "denied", "hubble-ui has no business outside"),
-    Flow("hubble-relay", "host", 4244, "TCP", "allowed", "the relay reads the local agent",
-         "relay-nodes"),
-    Flow("hubble-relay", "remote-node", 4244, "TCP", "allowed", "the relay reads every agent",
-         "relay-nodes"),
-    Flow("hubble-relay", "world", 443, "TCP", "denied", "the relay talks to nodes only"),
-    Flow("host", "hubble-relay", 4245, "TCP", "allowed",
-         "`hubble observe --server` from the local agent pod", "relay-from-agent"),
-    Flow("remote-node", "hubble-relay", 4245, "TCP", "allowed",
-         "`hubble observe --server` from an agent pod on another node"),
-    Flow("kube-apiserver", "cert-manager-webhook", 10250, "TCP", "allowed",
-         "admission calls from the kube-apiserver", "webhook-dry-run"),
-    Flow("kube-apiserver-tunnelled", "cert-manager-webhook", 10250, "TCP", "allowed",
-         "admission calls to a webhook on another node arrive as remote-node in tunnel mode"),
-    Flow("world", "cert-manager-webhook", 10250, "TCP", "denied", "nobody else calls the webhook"),
-    Flow("cert-manager", "kube-apiserver", 6443, "TCP", "allowed",
-         "cert-manager issues certificates through the API", "cert-manager-lease"),
-    Flow("cert-manager", "world", 443, "TCP", "denied", "the lab's CA issuer needs no internet"),
-    Flow("remote-cluster-node", "clustermesh-apiserver", 2379, "TCP", "allowed",
-         "remote clusters read this cluster's state", when="mesh"),
-    Flow("remote-node", "clustermesh-apiserver", 2379, "TCP", "allowed",
-         "this cluster's agents read the kvstoremesh cache", when="mesh"),
-    Flow("app-a", "clustermesh-apiserver", 2379, "TCP", "denied",
-         "applications cannot read the mesh's etcd", when="mesh"),
-]
-
-
-# -- a small model of Cilium's policy semantics ----------------------------------------------------
-
-def _label(labels: Mapping[str, str], key: str) -> str | None:
-    """A selector key without a source matches any source (Cilium's `any:`)."""
-    if key.startswith("any:"):
-        key = key[4:]
-    if key in labels:
-        return labels[key]
-    if ":" not in key.split("/")[0]:
-        for full, value in labels.items():
-            if full.split(":", 1)[-1] == key and ":" in full.split("/")[0]:
-                return value
-    return None
-
-
-def selector_matches(selector: Obj, labels: Mapping[str, str]) -> bool:
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if _label(labels, key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        have = _label(labels, expr["key"])
-        op, values = expr["operator"], expr.get("values") or []
-        if ((op == "In" and have not in values) or (op == "NotIn" and have in values)
-                or (op == "Exists" and have is None)
-                or (op == "DoesNotExist" and have is not None)):
-            return False
-    return True
-
-
-def _scoped(selector: Obj, policy: Obj) -> Obj:
-    """In a CiliumNetworkPolicy, selectors without a namespace mean the policy's namespace."""
-    ns = policy.get("metadata", {}).get("namespace")
-    if policy.get("kind") != CNP or not ns:
-        return selector
-    keys = set(selector.get("matchLabels") or {}) | {
-        e["key"] for e in selector.get("matchExpressions") or []}
-    if keys & {NS, "io.kubernetes.pod.namespace", "any:io.kubernetes.pod.namespace"}:
-        return selector
-    return {**selector, "matchLabels": {**(selector.get("matchLabels") or {}), NS: ns}}
-
-
-def _ports_match(rule: Obj, port: int, protocol: str) -> bool:
-    to_ports = rule.get("toPorts")
-    if not to_ports:
-        return True
-    for entry in to_ports:
-        for p in entry.get("ports") or []:
-            proto = p.get("protocol") or "ANY"
-            if str(p.get("port")) in (str(port), "0") and proto in (protocol, "ANY"):
-                return True
-    return False
-
-
-def _peer_matches(rule: Obj, peer: Actor, policy: Obj, prefix: str) -> bool:
-    for sel in rule.get(f"{prefix}Endpoints") or []:
-        if peer.endpoint and selector_matches(_scoped(sel, policy), peer.labels):
-            return True
-    for entity in rule.get(f"{prefix}Entities") or []:
-        if entity == "all" or entity in peer.entities:
-            return True
-    if peer.ip and "world" in peer.entities:
-        ip = ipaddress.ip_address(peer.ip)
-        cidrs = [c.get("cidr", "") for c in rule.get(f"{prefix}CIDRSet") or []]
-        cidrs += list(rule.get(f"{prefix}CIDR") or [])
-        if any(c and ip in ipaddress.ip_network(c, strict=False) for c in cidrs):
-            return True
-    if peer.fqdn and prefix == "to":
-        for f in rule.get("toFQDNs") or []:
-            if f.get("matchName", "").rstrip(".") == peer.fqdn or fnmatch.fnmatch(
-                    peer.fqdn, f.get("matchPattern", "\0").rstrip(".")):
-                return True
-    return False
-
-
-def selects(policy: Obj, actor: Actor) -> bool:
-    if not actor.endpoint:
-        return False
-    spec = policy.get("spec") or {}
-    sel = spec.get("endpointSelector")
-    if sel is None:
-        return False
-    if policy.get("kind") == CNP and actor.namespace != policy.get("metadata", {}).get(
-            "namespace"):
-        return False
-    return selector_matches(sel, actor.labels)
-
-
-@dataclass
-class Side:
-    """One endpoint's half of a flow: its egress (source) or ingress (destination)."""
-
-    enforced: bool = False
-    allowed_by: list[str] = field(default_factory=list)
-    denied_by: list[str] = field(default_factory=list)
-
-    @property
-    def allows(self) -> bool:
-        return not self.denied_by and (not self.enforced or bool(self.allowed_by))
-
-
-@dataclass
-class Decision:
-    flow: Flow
-    egress: Side
-    ingress: Side
-
-    @property
-    def verdict(self) -> Literal["allowed", "denied"]:
-        return "allowed" if self.egress.allows and self.ingress.allows else "denied"
-
-    def explain(self) -> str:
-        def side(name: str, s: Side) -> str:
-            if s.denied_by:
-                return f"{name} denied by {', '.join(s.denied_by)}"
-            if not s.enforced:
-                return f"{name} not enforced"
-            return (f"{name} allowed by {', '.join(s.allowed_by)}" if s.allowed_by
-                    else f"{name} default-denied")
-        return f"{self.flow}: {side('egress', self.egress)}; {side('ingress', self.ingress)}"
-
-
-def _side(policies: Sequence[Obj], subject: Actor, peer: Actor, flow: Flow,
-          direction: Literal["ingress", "egress"]) -> Side:
-    side = Side()
-    prefix = "from" if direction == "ingress" else "to"
-    for policy in policies:
-        if not selects(policy, subject):
-            continue
-        spec = policy.get("spec") or {}
-        has_rules = bool(spec.get(direction) or spec.get(f"{direction}Deny"))
-        default_deny = (spec.get("enableDefaultDeny") or {}).get(direction)
-        if default_deny if default_deny is not None else has_rules:
-            side.enforced = True
-        for key, hits in ((direction, side.allowed_by), (f"{direction}Deny", side.denied_by)):
-            for i, rule in enumerate(spec.get(key) or []):
-                if _peer_matches(rule, peer, policy, prefix) and _ports_match(
-                        rule, flow.port, flow.protocol):
-                    hits.append(f"{policy_ref(policy)} {key}[{i}]")
-    return side
-
-
-def decide(flow: Flow, policies: Sequence[Obj],
-           actors: Mapping[str, Actor] | None = None) -> Decision:
-    """Would Cilium allow this flow under these policies? (``actors``: default ``ACTORS``)"""
-    known = {**ACTORS, **(actors or {})}
-    src, dst = known[flow.source], known[flow.destination]
-    return Decision(flow, _side(policies, src, dst, flow, "egress"),
-                    _side(policies, dst, src, flow, "ingress"))

@@ -11,8 +11,10 @@ The gate proves both halves:
   its endpoints run that policy revision (``cilium-dbg endpoint list``). Cilium 1.18's policy
   CRDs have no per-node status any more (``status`` has only ``conditions`` and
   ``derivativePolicies``), so realization is asked of each agent;
-* denied: probe-a cannot open a TCP connection to probe-b (a timeout, not a refusal), and Hubble
-  (through the relay) shows that attempt as a policy DROPPED flow;
+* denied, both directions: probe-a (DNS-only egress) cannot open a TCP connection to probe-b and
+  Hubble (through the relay) shows the attempt dropped by policy at probe-a's EGRESS; probe-c,
+  whose own policy allows it out toward probe-b, is dropped at probe-b's INGRESS — the proof that
+  the ingress default deny is enforced. Hubble is asked only for flows since the attempt began;
 * still working: probe-a resolves a cluster name through kube-dns, and the demo route answers
   ``https://<echo host>.localhost`` from the host through the Gateway, verified by the lab CA.
 
@@ -30,16 +32,18 @@ from typing import Any
 
 from lab.errors import LabError
 from lab.kube import KubeClient, KubeError, condition, condition_true
+from lab.matrix import Actor, Flow, Matrix
 from lab.policies import (
-    ACTORS,
     CCNP,
     CILIUM_API,
     CNP,
     INFRA_NAMESPACES,
     MANAGED_BY,
+    PROBE_LABELS,
+    PROBE_NAMESPACES,
+    PROBE_PORT,
     STEP_LABEL,
     AppSpec,
-    Flow,
     find_allow_all,
     policy_ref,
     render_policies,
@@ -59,10 +63,8 @@ from lab.steps.certs import (
 # The demo app's image (lab/steps/certs.py): one pull serves both. agnhost `connect` reports
 # TIMEOUT / REFUSED / DNS distinctly; the image also ships nslookup (bind-tools).
 PROBE_IMAGE = "registry.k8s.io/e2e-test-images/agnhost:2.53"
-PROBE_NAMESPACES = ("lab-probe-a", "lab-probe-b")
 PROBE_POD = "probe"
-PROBE_PORT = 8080
-PROBE_LABELS = {"app.kubernetes.io/name": "lab-probe"}
+HUBBLE_WAIT = 10.0  # seconds to wait for a flow to reach Hubble (as cilium-cli's flow checks)
 CONNECT_TIMEOUT = "3s"
 DNS_NAME = "kubernetes.default.svc.cluster.local"
 POLICY_DROP_REASONS = ("POLICY_DENIED", "POLICY_DENY")
@@ -92,7 +94,7 @@ def kube_exec(kube: KubeClient, timeout: float = 30) -> ExecFn:
 # -- objects ---------------------------------------------------------------------------------------
 
 def probe_objects() -> list[Obj]:
-    """Two namespaces with one probe pod each: an agnhost HTTP server on 8080 and a shell."""
+    """Three namespaces with one probe pod each: an agnhost HTTP server on 8080 and a shell."""
     out: list[Obj] = []
     for ns in PROBE_NAMESPACES:
         out.append({"apiVersion": "v1", "kind": "Namespace",
@@ -211,6 +213,20 @@ def find_policy_drop(flows: Sequence[dict[str, Any]], *, src_namespace: str, src
     return None
 
 
+def find_flow(flows: Sequence[dict[str, Any]], *, src_namespace: str, src_pod: str,
+              dst_ip: str, dst_port: int, verdict: str) -> dict[str, Any] | None:
+    """The first flow of that connection with that verdict (a DROPPED one: dropped by policy)."""
+    if verdict == "DROPPED":
+        return find_policy_drop(flows, src_namespace=src_namespace, src_pod=src_pod,
+                                dst_ip=dst_ip, dst_port=dst_port)
+    for f in flows:
+        if (f.get("verdict") == verdict and f["src_namespace"] == src_namespace
+                and f["src_pod"] == src_pod and f["dst_ip"] == dst_ip
+                and f["dst_port"] == dst_port):
+            return f
+    return None
+
+
 def parse_policy_get(text: str) -> tuple[int, set[str]] | None:
     """`cilium-dbg policy get -o json` → (repository revision, policy names it holds)."""
     try:
@@ -320,30 +336,65 @@ def relay_server(ctx: StepContext) -> str | None:
     return f"{ip}:{port}" if ip else None
 
 
-def observe_drops(ctx: StepContext, exec_fn: ExecFn, src_namespace: str, src_pod: str,
-                  node: str | None = None) -> tuple[list[dict[str, Any]], str]:
-    """Policy-DROPPED flows from that pod in the last 5 minutes, cluster-wide through the relay
-    (falling back to the agent on ``node``). Returns (flows, where they came from)."""
+def hubble_timestamp(when: datetime) -> str:
+    """RFC 3339 in UTC, as `hubble observe --since` takes it."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def observe_flows(ctx: StepContext, exec_fn: ExecFn, src_namespace: str, src_pod: str,
+                  since: datetime, node: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Flows from that pod since ``since``, cluster-wide through the relay (falling back to the
+    agent on ``node``). Returns (flows, where they came from)."""
     agents = ready_agents(ctx)
     if not agents:
         return [], "no ready agent"
-    argv = ["hubble", "observe", "--verdict", "DROPPED", "--from-pod",
-            f"{src_namespace}/{src_pod}", "--since", "5m", "-o", "json"]
+    argv = ["hubble", "observe", "--from-pod", f"{src_namespace}/{src_pod}",
+            "--since", hubble_timestamp(since), "-o", "json"]
     relay = relay_server(ctx)
     errors = []
     if relay:
         rc, out = exec_fn("kube-system", agents[0]["metadata"]["name"], "cilium-agent",
                           [*argv, "--server", relay])
         if rc == 0:
-            return [f for f in parse_hubble_flows(out) if is_policy_drop(f)], "relay"
+            return parse_hubble_flows(out), "relay"
         errors.append(f"relay: {out.strip()[:120]}")
     local = [a for a in agents if a.get("spec", {}).get("nodeName") == node] or agents
     rc, out = exec_fn("kube-system", local[0]["metadata"]["name"], "cilium-agent", argv)
     if rc == 0:
-        return [f for f in parse_hubble_flows(out) if is_policy_drop(f)], \
-            f"agent {local[0]['metadata']['name']}"
+        return parse_hubble_flows(out), f"agent {local[0]['metadata']['name']}"
     errors.append(f"agent: {out.strip()[:120]}")
     return [], "; ".join(errors)
+
+
+@dataclass
+class Evidence:
+    """What Hubble saw of one attempt (``flow`` is None when nothing matching arrived)."""
+
+    flow: dict[str, Any] | None
+    where: str
+
+    def __str__(self) -> str:
+        if self.flow is None:
+            return f"nothing in Hubble yet ({self.where})"
+        f = self.flow
+        reason = f" {f['reason']}" if f.get("reason") else ""
+        return f"{f['verdict']}{reason} {f.get('direction') or '?'} on {f.get('node') or '?'} " \
+               f"(via {self.where})"
+
+
+def hubble_evidence(ctx: StepContext, exec_fn: ExecFn, *, src_namespace: str, src_pod: str,
+                    dst_ip: str, dst_port: int, verdict: str, since: datetime,
+                    node: str | None = None, wait: float = HUBBLE_WAIT) -> Evidence:
+    """Poll Hubble for this attempt's flow with ``verdict`` (FORWARDED, or DROPPED by policy)
+    until it shows up or ``wait`` seconds pass; flows before ``since`` never count."""
+    deadline = time.monotonic() + wait
+    while True:
+        flows, where = observe_flows(ctx, exec_fn, src_namespace, src_pod, since, node)
+        hit = find_flow(flows, src_namespace=src_namespace, src_pod=src_pod, dst_ip=dst_ip,
+                        dst_port=dst_port, verdict=verdict)
+        if hit is not None or time.monotonic() >= deadline:
+            return Evidence(hit, where)
+        time.sleep(1.0)
 
 
 def default_https(ctx: StepContext) -> tuple[bool, str]:
@@ -361,9 +412,11 @@ class LockedStep:
     name = "locked"
     title = "zero-trust default deny + onboarding"
 
-    def __init__(self, exec_fn: ExecFn | None = None, https_fn: HttpsFn | None = None) -> None:
+    def __init__(self, exec_fn: ExecFn | None = None, https_fn: HttpsFn | None = None,
+                 hubble_wait: float = HUBBLE_WAIT) -> None:
         self.exec_fn = exec_fn
         self.https_fn = https_fn or default_https
+        self.hubble_wait = hubble_wait
 
     def executor(self, ctx: StepContext) -> ExecFn:
         return self.exec_fn or kube_exec(ctx.kube)
@@ -389,12 +442,15 @@ class LockedStep:
         rendered = self.render(ctx)
         policies = [o for o in rendered.objects if o["apiVersion"] == CILIUM_API]
         for ns in sorted({o["metadata"]["namespace"] for o in policies
-                          if o["metadata"].get("namespace")}):
+                          if o["metadata"].get("namespace")} - set(PROBE_NAMESPACES)):
             if k.get("v1", "Namespace", ns) is None:
                 raise LabError(f"namespace {ns!r} does not exist: its policy has nowhere to go",
                                "the certs step installs cert-manager and the demo app: run "
                                "`invoke lab.up --resume`")
         ctx.write_file("locked/policies.yaml", rendered.files["locked/policies.yaml"])
+        for obj in probe_objects():  # the probes' namespaces hold a policy of their own
+            if obj["kind"] == "Namespace":
+                k.apply(obj)
         # Allowances first, the baseline last: no flow that must work is ever cut meanwhile.
         for obj in reversed(policies):
             k.apply(obj)
@@ -468,22 +524,26 @@ class LockedStep:
         if not v.add("probe pods ready", not not_ready,
                      f"not ready: {', '.join(not_ready)}" if not_ready else ""):
             return v
-        a_ns, b_ns = PROBE_NAMESPACES
+        a_ns, b_ns, c_ns = PROBE_NAMESPACES
         target = _pod_ip(pods[b_ns])
-        rc, out = exec_fn(a_ns, PROBE_POD, PROBE_POD,
-                          ["/agnhost", "connect", f"{target}:{PROBE_PORT}",
-                           f"--timeout={CONNECT_TIMEOUT}"])
-        outcome = connect_outcome(rc, out)
-        v.add(f"{a_ns} cannot reach {b_ns} (default deny)", outcome == "denied",
-              {"allowed": "connected: the default deny is not enforced",
-               "denied": "timed out"}.get(outcome, out.strip()[:160]))
-        flows, where = observe_drops(ctx, exec_fn, a_ns, PROBE_POD,
-                                     (pods[a_ns] or {}).get("spec", {}).get("nodeName"))
-        hit = find_policy_drop(flows, src_namespace=a_ns, src_pod=PROBE_POD, dst_ip=target,
-                               dst_port=PROBE_PORT)
-        v.add("the denied flow is a policy DROPPED flow in Hubble", hit is not None,
-              f"{hit['reason']} {hit['direction']} on {hit['node']} (via {where})" if hit
-              else f"no policy drop {a_ns}/{PROBE_POD} → {target}:{PROBE_PORT} yet ({where})")
+        # (source, the side that must drop it): a's DNS-only egress, then b's ingress default
+        # deny against c, whose own policy lets it out toward b.
+        for src, side in ((a_ns, "EGRESS"), (c_ns, "INGRESS")):
+            since = datetime.now(timezone.utc)
+            rc, out = exec_fn(src, PROBE_POD, PROBE_POD,
+                              ["/agnhost", "connect", f"{target}:{PROBE_PORT}",
+                               f"--timeout={CONNECT_TIMEOUT}"])
+            outcome = connect_outcome(rc, out)
+            v.add(f"{src} cannot reach {b_ns} ({side.lower()} default deny)",
+                  outcome == "denied",
+                  {"allowed": f"connected: the {side.lower()} default deny is not enforced",
+                   "denied": "timed out"}.get(outcome, out.strip()[:160]))
+            seen = hubble_evidence(ctx, exec_fn, src_namespace=src, src_pod=PROBE_POD,
+                                   dst_ip=target, dst_port=PROBE_PORT, verdict="DROPPED",
+                                   since=since, wait=self.hubble_wait,
+                                   node=(pods[src] or {}).get("spec", {}).get("nodeName"))
+            v.add(f"Hubble shows {src} → {b_ns} dropped by policy at {side}",
+                  seen.flow is not None and seen.flow.get("direction") == side, str(seen))
         rc, out = exec_fn(a_ns, PROBE_POD, PROBE_POD, ["nslookup", DNS_NAME])
         v.add(f"DNS resolves from {a_ns}", rc == 0,
               DNS_NAME if rc == 0 else out.strip()[-160:])
@@ -521,31 +581,19 @@ class TrialResult:
     flow: Flow
     outcome: str  # allowed | denied | skipped | error
     detail: str = ""
-    hubble: dict[str, Any] | None = None  # the policy drop seen, for denied flows
+    hubble: Evidence | None = None  # what Hubble saw of this attempt (pod-to-pod trials)
 
 
-# Where a source actor's commands run: (namespace, label selector, container).
-SOURCE_PODS: dict[str, tuple[str, str, str]] = {
-    "app-a": (PROBE_NAMESPACES[0], "app.kubernetes.io/name=lab-probe", PROBE_POD),
-    "app-b": (PROBE_NAMESPACES[1], "app.kubernetes.io/name=lab-probe", PROBE_POD),
-    "echo": (DEMO_NAMESPACE, f"app.kubernetes.io/name={DEMO_NAME}", DEMO_NAME),
-}
-# Where a destination actor lives when it is a pod: (namespace, label selector).
-DEST_PODS: dict[str, tuple[str, str]] = {
-    "app-a": (PROBE_NAMESPACES[0], "app.kubernetes.io/name=lab-probe"),
-    "app-b": (PROBE_NAMESPACES[1], "app.kubernetes.io/name=lab-probe"),
-    "echo": (DEMO_NAMESPACE, f"app.kubernetes.io/name={DEMO_NAME}"),
-    "kube-dns": ("kube-system", "k8s-app=kube-dns"),
-    "hubble-relay": ("kube-system", "k8s-app=hubble-relay"),
-    "cert-manager-webhook": ("cert-manager", "app.kubernetes.io/component=webhook"),
-}
+def _actor_pod(ctx: StepContext, actor: Actor) -> Obj | None:
+    return _first_pod(ctx, actor.namespace, actor.label_selector)
 
 
-def try_flow(ctx: StepContext, flow: Flow, exec_fn: ExecFn,
-             https_fn: HttpsFn = default_https) -> TrialResult:
-    """Try one matrix flow for real; for denied TCP flows also find the policy drop in Hubble."""
+def try_flow(ctx: StepContext, flow: Flow, exec_fn: ExecFn, matrix: Matrix,
+             https_fn: HttpsFn = default_https, hubble_wait: float = HUBBLE_WAIT) -> TrialResult:
+    """Try one matrix flow for real. A connection between pods also records what Hubble saw of
+    this very attempt: the FORWARDED flow, or the policy drop with its direction."""
     if flow.trial is None:
-        return TrialResult(flow, "skipped", "proven offline only (lab.policies.decide)")
+        return TrialResult(flow, "skipped", "proven offline only (Cilium's policy engine)")
     if flow.trial == "gateway-https":
         ok, detail = https_fn(ctx)
         return TrialResult(flow, "allowed" if ok else "denied", detail)
@@ -556,39 +604,60 @@ def try_flow(ctx: StepContext, flow: Flow, exec_fn: ExecFn,
         return _lease_trial(ctx, flow)
     if flow.trial in ("relay-nodes", "relay-from-agent"):
         return _relay_trial(ctx, flow, exec_fn)
-    source = SOURCE_PODS.get(flow.source)
-    if source is None:
-        return TrialResult(flow, "error", f"no pod to run {flow.source}'s side from")
-    ns, selector, container = source
-    pod = _first_pod(ctx, ns, selector)
+    source, dest = matrix.actors[flow.source], matrix.actors[flow.destination]
+    if not source.is_pod or source.remote_cluster:
+        return TrialResult(flow, "error", f"{flow.source} is not a pod of this cluster: "
+                                          "nothing to run its side from")
+    pod = _actor_pod(ctx, source)
     if pod is None:
-        return TrialResult(flow, "error", f"no ready pod {selector} in {ns}")
-    pod_name = pod["metadata"]["name"]
+        return TrialResult(flow, "error",
+                           f"no ready pod {source.label_selector} in {source.namespace}")
+    ns, pod_name = source.namespace, pod["metadata"]["name"]
+    container = source.container or None
     if flow.trial == "dns":
         rc, out = exec_fn(ns, pod_name, container, ["nslookup", DNS_NAME])
         return TrialResult(flow, "allowed" if rc == 0 else "denied", out.strip()[-160:])
-    if flow.destination in DEST_PODS:
-        dns, dsel = DEST_PODS[flow.destination]
-        dst = _first_pod(ctx, dns, dsel)
+    if dest.is_pod:
+        dst = _actor_pod(ctx, dest)
         if dst is None:
-            return TrialResult(flow, "error", f"no ready pod {dsel} in {dns}")
+            return TrialResult(flow, "error",
+                               f"no ready pod {dest.label_selector} in {dest.namespace}")
         address = _pod_ip(dst)
     else:
-        address = ACTORS[flow.destination].ip
+        address = dest.ip
     if not address:
         return TrialResult(flow, "error", f"no address for {flow.destination}")
+    since = datetime.now(timezone.utc)
     rc, out = exec_fn(ns, pod_name, container,
                       ["/agnhost", "connect", f"{address}:{flow.port}",
                        f"--timeout={CONNECT_TIMEOUT}"])
     outcome = connect_outcome(rc, out)
     result = TrialResult(flow, outcome, out.strip()[:160])
-    if outcome == "denied":
-        flows, where = observe_drops(ctx, exec_fn, ns, pod_name,
-                                     pod.get("spec", {}).get("nodeName"))
-        result.hubble = find_policy_drop(flows, src_namespace=ns, src_pod=pod_name,
-                                         dst_ip=address, dst_port=flow.port)
-        result.detail += f" (Hubble via {where})"
+    if outcome in ("allowed", "denied"):
+        result.hubble = hubble_evidence(
+            ctx, exec_fn, src_namespace=ns, src_pod=pod_name, dst_ip=address,
+            dst_port=flow.port, verdict="FORWARDED" if outcome == "allowed" else "DROPPED",
+            since=since, node=pod.get("spec", {}).get("nodeName"), wait=hubble_wait)
     return result
+
+
+def relay_serves_local_nodes(status: dict[str, Any], local_nodes: int) -> tuple[bool, str]:
+    """`hubble status -o json` through the relay: every node of this cluster connected and none
+    unavailable. After meshing the relay also connects to the other clusters' nodes, so the
+    connected count may exceed the local one."""
+    def count(key: str) -> int | None:
+        value = status.get(key)
+        value = value.get("value", 0) if isinstance(value, dict) else value
+        return int(value) if isinstance(value, int | str) and str(value).isdigit() else None
+
+    connected = count("num_connected_nodes")
+    unavailable = count("num_unavailable_nodes") or 0
+    missing = ", ".join(str(n) for n in status.get("unavailable_nodes") or [])
+    ok = connected is not None and connected >= local_nodes and unavailable == 0
+    detail = f"{connected}/{local_nodes} local nodes connected"
+    if unavailable:
+        detail += f", {unavailable} unavailable" + (f" ({missing})" if missing else "")
+    return ok, detail
 
 
 def _relay_trial(ctx: StepContext, flow: Flow, exec_fn: ExecFn) -> TrialResult:
@@ -605,13 +674,9 @@ def _relay_trial(ctx: StepContext, flow: Flow, exec_fn: ExecFn) -> TrialResult:
         data = json.loads(out)
     except ValueError:
         return TrialResult(flow, "error", out.strip()[:160])
-    connected = data.get("num_connected_nodes", data.get("numConnectedNodes"))
-    if isinstance(connected, dict):
-        connected = connected.get("value")
-    nodes = len(ctx.kube.list("v1", "Node"))
-    ok = connected is not None and int(connected) >= nodes
-    return TrialResult(flow, "allowed" if ok else "denied",
-                       f"{connected}/{nodes} nodes connected to the relay")
+    ok, detail = relay_serves_local_nodes(data if isinstance(data, dict) else {},
+                                          len(ctx.kube.list("v1", "Node")))
+    return TrialResult(flow, "allowed" if ok else "denied", detail)
 
 
 def _lease_trial(ctx: StepContext, flow: Flow, fresh: float = 120) -> TrialResult:

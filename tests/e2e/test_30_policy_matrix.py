@@ -1,16 +1,21 @@
-"""The default-deny policy matrix, each flow tried for real; denied TCP flows seen in Hubble."""
+"""The default-deny policy matrix, each flow tried for real, with what Hubble saw of each attempt:
+FORWARDED for allowed connections, a policy drop on the deciding side for denied ones."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 
 from lab import logs
-from lab.policies import MATRIX, Flow
+from lab.matrix import Flow, load
 from lab.state import StateStore
 from lab.steps.base import StepContext, Timeouts
 from lab.steps.locked import LockedStep, kube_exec, try_flow
 from lab.tools import Tools
 from tests.e2e.conftest import E2ELab
+
+MATRIX = load()
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +33,23 @@ def test_locked_gate_holds(live_ctx: StepContext) -> None:
     assert verdict.ready, verdict.explain()
 
 
-@pytest.mark.parametrize("flow", [f for f in MATRIX if f.trial], ids=str)
-def test_matrix_flow(live_ctx: StepContext, flow: Flow) -> None:
+@pytest.mark.parametrize("flow", [f for f in MATRIX.flows if f.trial], ids=str)
+def test_matrix_flow(live_ctx: StepContext, flow: Flow, record_property: Any) -> None:
     if flow.when == "mesh" and not live_ctx.lab.is_mesh:
         pytest.skip("mesh-only flow")
-    exec_fn = kube_exec(live_ctx.kube)
-    assert exec_fn is not None
-    result = try_flow(live_ctx, flow, exec_fn)
-    if flow.expect == "denied" and flow.trial == "tcp" and result.hubble is None:
-        result = try_flow(live_ctx, flow, exec_fn)  # Hubble may lag the first attempt
+    result = try_flow(live_ctx, flow, kube_exec(live_ctx.kube), MATRIX)
+    record_property("hubble", str(result.hubble) if result.hubble else "n/a")
+    print(f"{flow}: {result.outcome} ({result.detail}); Hubble: {result.hubble or 'n/a'}")
     assert result.outcome == flow.expect, result.detail
-    if flow.expect == "denied" and flow.trial == "tcp":
-        assert result.hubble is not None, f"no policy DROPPED flow in Hubble: {result.detail}"
-        assert result.hubble["reason"] in ("POLICY_DENIED", "POLICY_DENY")
+    if flow.trial == "tcp":
+        seen = result.hubble
+        assert seen is not None and seen.flow is not None, f"Hubble saw nothing: {seen}"
+        if flow.expect == "allowed":
+            assert seen.flow["verdict"] == "FORWARDED", str(seen)
+        else:
+            side = "EGRESS" if flow.egress == "denied" else "INGRESS"
+            assert seen.flow["reason"] in ("POLICY_DENIED", "POLICY_DENY"), str(seen)
+            assert seen.flow["direction"] == side, f"dropped on the wrong side: {seen}"
 
 
 def test_observe_dropped_through_the_relay(e2e_lab: E2ELab) -> None:

@@ -2432,13 +2432,19 @@ def _flags(args: list[str]) -> dict[str, str]:
 
 
 def _since(text: str | None) -> float | None:
+    """Seconds back from now: `hubble observe --since` takes a duration or an RFC 3339 time."""
     if not text:
         return None
     units = {"s": 1, "m": 60, "h": 3600}
     try:
         return float(text[:-1]) * units[text[-1]]
     except (KeyError, ValueError):
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
         return None
+    return time.time() - when.timestamp()
 
 
 # ================================================================================================
