@@ -68,12 +68,6 @@ class Flow:
     def __str__(self) -> str:
         return f"{self.source} → {self.destination}:{self.port}/{self.protocol}"
 
-    @property
-    def decided_at(self) -> tuple[str, ...]:
-        """The side(s) whose policy denies this flow (empty for an allowed flow)."""
-        return tuple(s for s, o in (("egress", self.egress), ("ingress", self.ingress))
-                     if o == "denied")
-
 
 @dataclass(frozen=True)
 class Matrix:

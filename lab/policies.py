@@ -198,17 +198,19 @@ def cert_manager_webhook() -> Obj:
 
 
 def clustermesh_apiserver(peer_cidrs: Sequence[str] = ()) -> Obj:
-    remote: Obj = ({"fromCIDRSet": [{"cidr": c} for c in peer_cidrs]} if peer_cidrs
-                   else {"fromEntities": ["world"]})
+    """``peer_cidrs``: the Docker network the clusters share (the gateway step records it).
+    Unknown (``lab.render`` without Docker): the remote rule is left out — closed, never the
+    world."""
+    ingress: list[Obj] = [{"fromEntities": ["host", "remote-node"], "toPorts": _ports(ETCD_PORT)}]
+    if peer_cidrs:
+        # other clusters' nodes are outside this cluster's identity space (mTLS guards etcd too)
+        ingress.append({"fromCIDRSet": [{"cidr": c} for c in peer_cidrs],
+                        "toPorts": _ports(ETCD_PORT)})
     return _policy(CNP, "lab-infra-clustermesh-apiserver", "kube-system",
                    "The clustermesh-apiserver's etcd (2379) is read by this cluster's agents and "
                    "by the remote clusters' nodes through its NodePort",
                    {"endpointSelector": {"matchLabels": {"k8s:k8s-app": "clustermesh-apiserver"}},
-                    "ingress": [
-                        {"fromEntities": ["host", "remote-node"], "toPorts": _ports(ETCD_PORT)},
-                        # before the mesh connects, other clusters' nodes are outside this
-                        # cluster's identity space (mTLS still guards etcd)
-                        {**remote, "toPorts": _ports(ETCD_PORT)}]})
+                    "ingress": ingress})
 
 
 # -- applications ----------------------------------------------------------------------------------

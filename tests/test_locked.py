@@ -507,6 +507,22 @@ def test_mesh_adds_the_clustermesh_allowance_from_the_docker_subnet(tmp_path: Pa
     assert mesh["spec"]["ingress"][1]["fromCIDRSet"] == [{"cidr": "172.18.0.0/16"}]
 
 
+def test_mesh_without_recorded_subnets_stays_closed(emu: KubeEmulator, tmp_path: Path) -> None:
+    """`lab.render` (no Docker) leaves the remote rule out, and apply refuses, rather than open
+    the mesh's etcd to the world."""
+    raw = yaml.safe_load((REPO / "config" / "mesh.yaml").read_text())
+    ctx = step_context(tmp_path, raw, emu, FAST)
+    mesh = next(p for p in locked_policies(ctx)
+                if p["metadata"]["name"] == "lab-infra-clustermesh-apiserver")
+    assert mesh["spec"]["ingress"] == [{"fromEntities": ["host", "remote-node"], "toPorts": [
+        {"ports": [{"port": "2379", "protocol": "TCP"}]}]}]
+    _namespace(emu, "echo")
+    emu.clear_requests()
+    with pytest.raises(LabError, match="Docker subnets"):
+        LockedStep().apply(ctx)
+    assert emu.writes() == []
+
+
 class FakeCluster:
     """Agents, probe pods and Hubble as a healthy locked cluster would answer.
 

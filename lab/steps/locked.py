@@ -439,6 +439,10 @@ class LockedStep:
                            "CiliumClusterwideNetworkPolicy)",
                            "the cni step installs Cilium, whose operator registers them: run "
                            "`invoke lab.up --resume`")
+        if ctx.lab.is_mesh and not ctx.facts.get("dockerSubnets"):
+            raise LabError("the Docker subnets the mesh peers come from are not recorded, so "
+                           "the clustermesh-apiserver's etcd could not admit them",
+                           "the gateway step records them: run `invoke lab.up --resume`")
         rendered = self.render(ctx)
         policies = [o for o in rendered.objects if o["apiVersion"] == CILIUM_API]
         for ns in sorted({o["metadata"]["namespace"] for o in policies
