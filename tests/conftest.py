@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import deps
 from tests.support.emulator import KubeEmulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +29,12 @@ FAKE_BIN = REPO / "tests" / "fakes" / "bin"
 
 
 def upstream_dir() -> Path:
-    return Path(os.environ.get("LAB_UPSTREAM_DIR", REPO.parent / "shared" / "upstream"))
+    """The pinned upstream files (skips, or fails under CI, where they are unavailable)."""
+    return deps.require_upstream()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    deps.configure(config)  # fetch missing upstream files; one line for what is still missing
 
 
 @functools.cache

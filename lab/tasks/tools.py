@@ -63,12 +63,17 @@ def doctor(c: Context, config: str | None = None, json_: bool = False,
 @task(help={
     "config": CONFIG_HELP,
     "no_download": f"never download: report what to install instead (also {NO_DOWNLOAD_ENV}=1)",
+    "envtest": "instead: the envtest kube-apiserver/etcd/kubectl the test suite's real-API "
+               "tier runs (controller-tools release, SHA-512 verified); prints KUBEBUILDER_ASSETS",
     "log_format": LOG_HELP,
 })
 def tools(c: Context, config: str | None = None, no_download: bool = False,
-          log_format: str | None = None) -> None:
+          envtest: bool = False, log_format: str | None = None) -> None:
     """Install the pinned kind, helm and Cilium CLI (SHA-256 verified) into <stateDir>/bin."""
     cfg = _setup(config, log_format)
+    if envtest:
+        _envtest(allow=downloads_allowed(cfg, no_download))
+        return
     lab = lab_tools(cfg, logs.get("lab"))
     allow = downloads_allowed(cfg, no_download)
     installed = _guard(lambda: ensure_tools(cfg, lab, allow_download=allow))
@@ -92,6 +97,20 @@ def tools(c: Context, config: str | None = None, no_download: bool = False,
     if any(r[3].startswith(str(bin_dir)) for r in rows):
         print(f"the lab uses {bin_dir} first; to use them in your shell: "
               f'export PATH="{bin_dir}:$PATH"')
+
+
+def _envtest(allow: bool) -> None:
+    import shlex
+
+    from lab import envtest_assets
+
+    folder = envtest_assets.assets_dir()
+    if not allow and not envtest_assets.is_installed(folder):
+        raise Exit(f"✗ envtest v{envtest_assets.ENVTEST_VERSION} is not in {folder} and "
+                   "downloads are off\n  → allow downloads, or set KUBEBUILDER_ASSETS to a folder "
+                   "with kube-apiserver and etcd", code=1)
+    folder = _guard(lambda: envtest_assets.ensure_envtest())
+    print(f"KUBEBUILDER_ASSETS={shlex.quote(str(folder))}")
 
 
 TOOL_TASKS = (tools, doctor)

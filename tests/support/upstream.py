@@ -8,7 +8,9 @@ unit test instead of being silently dropped by the API server or ignored by Helm
 Where the data lives
     ``$LAB_UPSTREAM_DIR`` if set (and non-empty), else ``<repo root>/../shared/upstream``.
     :func:`upstream_dir` returns ``None`` when that folder is absent and
-    :func:`require_upstream` turns absence into ``pytest.skip`` with a reason naming both.
+    :func:`require_upstream` turns absence (or missing files) into a skip with a reason naming
+    both. Where neither exists, the session fetches the pinned files into a cache first and
+    points ``$LAB_UPSTREAM_DIR`` there (``tests/support/deps.py``).
     Built-in kinds (Deployment, Service, ...) do not need the folder at all.
 
 Public API
@@ -62,7 +64,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
-import pytest
 import yaml
 
 __all__ = [
@@ -149,17 +150,11 @@ def upstream_dir() -> Path | None:
 
 
 def require_upstream() -> Path:
-    """Return :func:`upstream_dir` or skip the calling test with a clear reason."""
-    found = upstream_dir()
-    if found is None:
-        raw = os.environ.get(ENV_VAR, "").strip()
-        where = f"${ENV_VAR}={raw!r} does not exist" if raw else f"${ENV_VAR} is not set"
-        pytest.skip(
-            f"upstream reference schemas not found ({where}; default path "
-            f"{DEFAULT_UPSTREAM_DIR} is used when it is unset): set {ENV_VAR} to the folder "
-            f"holding {CILIUM_DIR}/, {GATEWAY_API_DIR}/ and {CERT_MANAGER_DIR}/"
-        )
-    return found
+    """The complete upstream folder, or skip (fail under CI) saying what to set: see
+    :func:`tests.support.deps.require_upstream` (which also fetches missing files at start)."""
+    from tests.support import deps
+
+    return deps.require_upstream()
 
 
 # --------------------------------------------------------------------------- helpers
