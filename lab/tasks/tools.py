@@ -19,6 +19,7 @@ from lab.bootstrap import (
     REQUIRED,
     TITLES,
     downloads_allowed,
+    downloads_forbidden_by_env,
     ensure_tools,
     lab_tools,
     pinned_versions,
@@ -70,10 +71,11 @@ def doctor(c: Context, config: str | None = None, json_: bool = False,
 def tools(c: Context, config: str | None = None, no_download: bool = False,
           envtest: bool = False, log_format: str | None = None) -> None:
     """Install the pinned kind, helm and Cilium CLI (SHA-256 verified) into <stateDir>/bin."""
-    cfg = _setup(config, log_format)
-    if envtest:
-        _envtest(allow=downloads_allowed(cfg, no_download))
+    if envtest:  # for the test suite: needs no lab config
+        logs.configure(log_format)
+        _envtest(allow=not no_download and not downloads_forbidden_by_env())
         return
+    cfg = _setup(config, log_format)
     lab = lab_tools(cfg, logs.get("lab"))
     allow = downloads_allowed(cfg, no_download)
     installed = _guard(lambda: ensure_tools(cfg, lab, allow_download=allow))

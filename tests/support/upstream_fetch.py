@@ -41,21 +41,21 @@ class Entry:
         return self.path.startswith(ARCHIVES + "/")
 
 
-def entries(manifest: Path = MANIFEST) -> list[Entry]:
+def entries(manifest: Path | None = None) -> list[Entry]:
     out = []
-    for line in manifest.read_text().splitlines():
+    for line in (manifest or MANIFEST).read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             digest, path, source = line.split()
             out.append(Entry(digest, path, source))
     return out
 
 
-def listed_files(manifest: Path = MANIFEST) -> list[str]:
+def listed_files(manifest: Path | None = None) -> list[str]:
     """The relative paths a complete upstream folder holds (archives excluded)."""
     return [e.path for e in entries(manifest) if not e.is_archive]
 
 
-def is_complete(folder: Path, manifest: Path = MANIFEST) -> bool:
+def is_complete(folder: Path, manifest: Path | None = None) -> bool:
     """Every listed file exists (cheap: no hashing; for folders the tests did not fill)."""
     return all((folder / p).is_file() for p in listed_files(manifest))
 
@@ -67,7 +67,7 @@ def url_for(source: str, mirror: str | None = None) -> str:
     return mirror.rstrip("/") + "/" + source.split("://", 1)[1]
 
 
-def ensure(folder: Path, manifest: Path = MANIFEST, mirror: str | None = None,
+def ensure(folder: Path, manifest: Path | None = None, mirror: str | None = None,
            overwrite: bool = True) -> list[str]:
     """Fetch what ``folder`` lacks; returns the paths fetched. Raises `DownloadError`.
 
