@@ -36,6 +36,14 @@ def typecheck(session: nox.Session) -> None:
     session.run("mypy", "--strict")
 
 
+@nox.session(name="envtest-assets", default=False)
+def envtest_assets(session: nox.Session) -> None:
+    """Install the envtest kube-apiserver/etcd/kubectl the real-API tests run (controller-tools
+    release, SHA-512 verified) and print the KUBEBUILDER_ASSETS to use."""
+    session.install("-e", ".")
+    session.run("invoke", "lab.tools", "--envtest")
+
+
 @nox.session(default=False)
 def e2e(session: nox.Session) -> None:
     """Real clusters (Docker + internet). Skips with one line where no Docker daemon answers.
