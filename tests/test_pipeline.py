@@ -6,13 +6,13 @@ Crash and resume, idempotency, drift, the lock, dry-run and refusal before side 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import yaml
 
 from lab.state import StateStore
 from tests.conftest import LabEnv, write_config
+from tests.fakes.fakelib import wait_until_sleeping
 
 
 def test_up_to_cluster_creates_records_and_exports_kubeconfig(lab_env: LabEnv) -> None:
@@ -52,9 +52,8 @@ def test_second_up_on_converged_lab_creates_nothing(lab_env: LabEnv) -> None:
 
 def test_kill_inside_cluster_step_then_resume_converges(lab_env: LabEnv) -> None:
     proc = lab_env.start("lab.up", "--to", "cluster", LAB_FAKE_SLEEP="kind:create=30")
-    try:
-        lab_env.wait_for_call("kind", ["create"])
-        time.sleep(0.3)  # inside `kind create`, after it recorded the cluster
+    try:  # killed inside `kind create`, once it recorded the cluster
+        wait_until_sleeping(lab_env.fake_state, "kind", ["create"])
     finally:
         lab_env.kill(proc)
     rec = lab_env.record()
@@ -76,13 +75,9 @@ def test_kill_during_a_rerun_then_resume_converges(lab_env: LabEnv) -> None:
     lab_env.run("lab.up", "--to", "cluster")
     creates = len(lab_env.calls("kind", "create"))
     # A second run killed while it re-applies the completed cluster step (inside `kind get`).
-    before = len(lab_env.calls("kind", "get"))
     proc = lab_env.start("lab.up", "--to", "cluster", LAB_FAKE_SLEEP="kind:get=30")
     try:
-        deadline = time.monotonic() + 30
-        while len(lab_env.calls("kind", "get")) == before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert len(lab_env.calls("kind", "get")) > before
+        wait_until_sleeping(lab_env.fake_state, "kind", ["get"])
     finally:
         lab_env.kill(proc)
     assert lab_env.record()["history"][-1]["outcome"] == "running"
@@ -115,6 +110,27 @@ def test_concurrent_up_is_refused_naming_the_holder(lab_env: LabEnv) -> None:
     # Only read-only preflight queries ran (tool versions); nothing touched a cluster.
     assert {argv[0] for argv in lab_env.calls()} <= {"version"}
     assert lab_env.emulators["lab"].requests == []
+
+
+def test_down_is_refused_while_another_task_holds_the_cluster(lab_env: LabEnv) -> None:
+    lab_env.run("lab.up", "--to", "cluster")
+    store = StateStore(lab_env.state_dir)
+    with store.lock("lab", "lab.up (test holder)"):
+        proc = lab_env.run("lab.down", check=False)
+    assert proc.returncode == 1
+    assert "locked by pid" in proc.stderr and "lab.up (test holder)" in proc.stderr
+    assert lab_env.calls("kind", "delete") == []
+    assert lab_env.record()["state"] == "cluster"  # the record the holder owns is untouched
+
+
+def test_up_to_absent_is_refused_with_the_valid_states(lab_env: LabEnv) -> None:
+    proc = lab_env.run("lab.up", "--to", "absent", check=False)
+    assert proc.returncode == 1
+    assert "'absent'" in proc.stderr
+    assert "cluster, cni, gateway, certs, locked, meshed" in proc.stderr
+    assert "lab.down" in proc.stderr  # the way to get to `absent`
+    assert lab_env.calls() == []
+    assert not (lab_env.state_dir / "clusters").exists()
 
 
 def test_bad_config_is_refused_before_any_side_effect(lab_env: LabEnv) -> None:

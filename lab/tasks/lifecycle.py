@@ -59,6 +59,10 @@ def _up(config: str | None, to: str | None, resume: bool, dry_run: bool,
         cluster: list[str] | None, skip_doctor: bool, no_download: bool,
         log_format: str | None) -> None:
     cfg = _setup(config, log_format)
+    if to is not None:  # refused before the preflight may download tools
+        from lab.runner import check_target
+
+        _guard(lambda: check_target(cfg, to))
     lab = _lab(cfg)
     if dry_run:
         plan = _guard(lambda: lab.plan(to, resume))

@@ -26,7 +26,8 @@ exit 2 without it), guarded by an fcntl lock and written atomically:
 Injection: ``LAB_FAKE_FAIL=tool:sub[,...]`` or ``fail.json`` {"tool:sub": {"stderr", "stdout",
 "code", "times"}} (keys ``tool:sub1 sub2``, ``tool:sub1``, ``tool:*``; ``times`` is decremented,
 absent = always); ``LAB_FAKE_SLEEP=tool:sub=SECONDS,...`` or ``sleep.json``: kind create sleeps
-with the cluster recorded "creating", helm upgrade/install with the release "pending-*";
+with the cluster recorded "creating", helm upgrade/install with the release "pending-*"; each
+sleep, once begun, is announced in ``sleeping.jsonl`` (tests wait with ``wait_until_sleeping``);
 ``LAB_FAKE_DOCKER_DOWN=1`` (or docker.json "down") breaks every daemon call, kind included.
 """
 
@@ -151,6 +152,9 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+SLEEPING = "sleeping.jsonl"  # one line per fake call that entered its injected sleep
+
+
 def log_call(state_dir: str, tool: str, argv: list[str]) -> None:
     env = {"KUBECONFIG": os.environ.get("KUBECONFIG")}
     for k in ("KIND_CLUSTER_NAME", "HELM_KUBECONTEXT", "HELM_NAMESPACE", "DOCKER_HOST",
@@ -225,7 +229,21 @@ def do_sleep(seconds: float) -> None:
     if seconds > 0:
         sys.stdout.flush()
         sys.stderr.flush()
+        _signal_sleeping()
         time.sleep(seconds)
+
+
+def _signal_sleeping() -> None:
+    """Tell a waiting test the injected sleep began: whatever the fake records before it (a
+    cluster "creating", a release "pending-*") is on disk now (`wait_until_sleeping`)."""
+    line = json.dumps({"tool": os.path.basename(sys.argv[0]), "argv": sys.argv[1:],
+                       "pid": os.getpid()}) + "\n"
+    fd = os.open(os.path.join(os.environ[STATE_ENV], SLEEPING), os.O_WRONLY | os.O_APPEND |
+                 os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def fail_with(spec: dict[str, Any], default_stderr: str, default_code: int = 1) -> Exit:
@@ -3423,6 +3441,24 @@ def fake_env(state_dir: str, base: dict[str, str] | None = None, **extra: str) -
     env[STATE_ENV] = str(state_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def wait_until_sleeping(state_dir: str | os.PathLike[str], tool: str, words: list[str],
+                        timeout: float = 30) -> dict[str, Any]:
+    """Test side: poll (bounded) until a fake ``tool`` whose argv holds ``words`` is inside its
+    injected sleep (``LAB_FAKE_SLEEP``); returns that call. Replaces sleeping in the test."""
+    path = os.path.join(str(state_dir), SLEEPING)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError), open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break  # still being written
+                call = json.loads(line)
+                if call["tool"] == tool and all(w in call["argv"] for w in words):
+                    return dict(call)
+        time.sleep(0.02)
+    raise AssertionError(f"no fake {tool} {words} reached its injected sleep in {timeout}s")
 
 
 def read_calls(state_dir: str) -> list[dict[str, Any]]:
