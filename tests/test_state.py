@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import time
 from pathlib import Path
 
@@ -29,6 +30,23 @@ def test_roundtrip_is_readable_json(tmp_path: Path) -> None:
     assert again.state == "cni" and again.versions == {"cilium": "1.18.4"}
     assert again.last_ok("cluster") is not None
     assert list(tmp_path.glob("clusters/*.tmp*")) == []
+
+
+def test_save_replaces_the_record_whole_never_rewriting_it_in_place(tmp_path: Path) -> None:
+    """A reader (lab.status, a resume) that opened the record keeps a whole old record while a
+    save happens, and a crash mid-save can only lose the new record, never corrupt the old one:
+    the new record is a new file renamed over the old name."""
+    store = StateStore(tmp_path)
+    store.save(Record(cluster="lab", state="cluster", facts={"pad": "x" * 4096}))
+    path = store.path("lab")
+    with open(path) as reader:
+        inode = os.fstat(reader.fileno()).st_ino
+        store.save(Record(cluster="lab", state="cni"))
+        old = json.loads(reader.read())
+    assert old["state"] == "cluster" and old["facts"]["pad"] == "x" * 4096
+    assert os.stat(path).st_ino != inode
+    assert store.load("lab").state == "cni"
+    assert sorted(p.name for p in store.clusters_dir.iterdir()) == ["lab.json"]
 
 
 def test_missing_record_is_absent(tmp_path: Path) -> None:
