@@ -1,0 +1,87 @@
+"""Two guards each earlier suite let a mutation through: the gateway gate insists on a
+LoadBalancer Service, and a release a killed `helm upgrade` left pending is rolled back (its
+installed revision kept), not uninstalled."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lab.helm import ensure_release
+from lab.steps.base import HelmRelease, StepContext
+from lab.steps.gateway import GATEWAY_NAMESPACE, GATEWAY_SERVICE, ensure_node_ports
+from tests.conftest import FAKE_BIN, REPO, step_context
+from tests.fakes.fakelib import read_calls, wait_until_sleeping
+from tests.support.emulator import KubeEmulator
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StepContext]:
+    """The shipped lab's first cluster on an empty API server, the fake helm on PATH."""
+    monkeypatch.setenv("LAB_FAKE_STATE", str(tmp_path / "fake"))
+    monkeypatch.setenv("PATH", f"{FAKE_BIN}{os.pathsep}{os.environ['PATH']}")
+    raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
+    with KubeEmulator() as emu:
+        yield step_context(tmp_path, raw, emu, bin_dir=FAKE_BIN)
+
+
+def _gateway_service(emu_ctx: StepContext, type_: str) -> None:
+    emu_ctx.kube.apply({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": GATEWAY_SERVICE, "namespace": GATEWAY_NAMESPACE},
+        "spec": {"type": type_, "ports": [{"name": "port-80", "port": 80, "protocol": "TCP",
+                                           "nodePort": 30080}]}})
+
+
+def test_gateway_gate_fails_a_service_that_is_not_a_load_balancer(ctx: StepContext) -> None:
+    ctx.kube.apply({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": GATEWAY_NAMESPACE}})
+    _gateway_service(ctx, "NodePort")  # right ports, wrong type: never Programmed on 1.18
+    ok, detail = ensure_node_ports(ctx, {"port-80": 30080})
+    assert not ok
+    assert "type is NodePort" in detail and "LoadBalancer" in detail
+    _gateway_service(ctx, "LoadBalancer")
+    assert ensure_node_ports(ctx, {"port-80": 30080}) == (True, "port-80→30080")
+
+
+def _release(values: dict[str, Any]) -> HelmRelease:
+    return HelmRelease(release="demo", chart="cilium/cilium", repo_name="cilium",
+                       repo_url="https://helm.cilium.io/", version="1.18.4",
+                       namespace="kube-system", values=values)
+
+
+def _history(state: Path) -> list[tuple[int, str]]:
+    helm = json.loads((state / "helm.json").read_text())
+    return [(h["revision"], h["status"])
+            for h in helm["kind-lab"]["kube-system/demo"]["history"]]
+
+
+def test_a_pending_upgrade_is_rolled_back_not_uninstalled(ctx: StepContext,
+                                                          tmp_path: Path) -> None:
+    state = tmp_path / "fake"
+    assert ensure_release(ctx, _release({"replicas": 1}))
+    # A second upgrade killed while helm runs it leaves revision 2 pending-upgrade.
+    upgrade = ["helm", "upgrade", "--install", "demo", "cilium/cilium", "--version", "1.18.4",
+               "--namespace", "kube-system", "--kube-context", ctx.cluster.kube_context,
+               "--kubeconfig", str(ctx.kubeconfig)]
+    proc = subprocess.Popen(upgrade, env={**os.environ, "LAB_FAKE_SLEEP": "helm:upgrade=30"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_sleeping(state, "helm", ["upgrade", "demo"])
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert _history(state) == [(1, "deployed"), (2, "pending-upgrade")]
+
+    assert ensure_release(ctx, _release({"replicas": 2}))
+    ran = [c["argv"][:3] for c in read_calls(str(state)) if c["tool"] == "helm"
+           and c["argv"][0] in ("rollback", "uninstall")]
+    assert ran == [["rollback", "demo", "1"]]  # back to the last deployed revision
+    assert _history(state)[-1] == (4, "deployed")  # 3 is the rollback, 4 the new upgrade
