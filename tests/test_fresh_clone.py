@@ -163,7 +163,7 @@ def test_the_session_fetches_into_the_cache_when_no_folder_exists(
     base, root, _ = web
     _publish(root)
     monkeypatch.setattr(upstream_fetch, "MANIFEST", _manifest(tmp_path, root))
-    monkeypatch.delenv(deps.UPSTREAM_ENV, raising=False)
+    monkeypatch.setenv(deps.UPSTREAM_ENV, "")  # unset for deps; restored after (it sets it)
     monkeypatch.setenv(deps.SHARED_ENV, str(tmp_path / "no-shared"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv(upstream_fetch.MIRROR_ENV, base)
