@@ -13,7 +13,6 @@ policies under test.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +23,7 @@ import pytest
 import yaml
 
 from lab.matrix import Actor, Flow
+from tests.support import deps
 
 REPO = Path(__file__).resolve().parents[2]
 Obj = dict[str, Any]
@@ -70,16 +70,8 @@ REMOTE_CLUSTER = "peer"
 
 
 def oracle_binary() -> Path:
-    """The oracle, or skip (fail under CI=true) with what to set."""
-    default = REPO.parent / "shared" / "tools" / "cilium-policy-oracle" / "cilium-policy-oracle"
-    path = Path(os.environ.get("LAB_POLICY_ORACLE", default))
-    if path.is_file() and os.access(path, os.X_OK):
-        return path
-    reason = (f"Cilium's policy oracle not found at {path}: set LAB_POLICY_ORACLE to the "
-              "cilium-policy-oracle binary (see ../shared/tools/cilium-policy-oracle/README.md)")
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    """The oracle, or skip (fail under CI=true) with what to set (tests/support/deps.py)."""
+    return deps.require_oracle()
 
 
 def judge(policies: Sequence[Obj], scenario: Mapping[str, Any]) -> list[dict[str, Any]]:
