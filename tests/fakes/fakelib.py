@@ -266,6 +266,7 @@ def main(tool: str, argv: list[str]) -> int:
         out(f"Usage: {tool} [command] (fake {tool} from tests/fakes: help is not emulated)")
         return 0
     handler = {"kind": kind_main, "docker": docker_main, "helm": helm_main}[tool]
+    code = 0
     try:
         handler(state, argv)
     except Exit as e:
@@ -273,10 +274,22 @@ def main(tool: str, argv: list[str]) -> int:
             out(e.stdout, end="" if e.stdout.endswith("\n") else "\n")
         if e.stderr:
             err(e.stderr)
-        return e.code
+        code = e.code
     except BrokenPipeError:
-        return 141
-    return 0
+        code = 141
+    log_end(state_dir, code)
+    return code
+
+
+def log_end(state_dir: str, code: int) -> None:
+    """``ends.jsonl``: when each call (by pid) finished, so tests can see calls overlap."""
+    line = json.dumps({"pid": os.getpid(), "time": time.time(), "code": code}) + "\n"
+    fd = os.open(os.path.join(state_dir, "ends.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 # ================================================================================================
@@ -997,7 +1010,33 @@ def _upsert(items: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str
     return items
 
 
+class KubeconfigLocked(Exception):
+    """kind's lockFile(): ``<kubeconfig>.lock`` created with O_EXCL, no waiting
+    (pkg/cluster/internal/kubeconfig/internal/kubeconfig/lock.go)."""
+
+
+@contextlib.contextmanager
+def kubeconfig_lock(path: str) -> Iterator[None]:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    lock = path + ".lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL, 0)
+    except FileExistsError:
+        raise KubeconfigLocked(f"failed to lock config file: open {lock}: file exists") from None
+    os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+
+
 def merge_kind_kubeconfig(path: str, name: str, server: str) -> None:
+    with kubeconfig_lock(path):
+        _merge_kind_kubeconfig(path, name, server)
+
+
+def _merge_kind_kubeconfig(path: str, name: str, server: str) -> None:
     existing = read_kubeconfig(path) or empty_kubeconfig()
     kc = kind_kubeconfig(name, server)
     for section in ("clusters", "users", "contexts"):
@@ -1016,19 +1055,24 @@ def remove_kind_kubeconfig(paths: list[str], name: str) -> None:
     for path in paths:
         if not os.path.exists(path):
             continue
-        cfg = read_kubeconfig(path)
-        mutated = False
-        for section in ("clusters", "users", "contexts"):
-            items = cfg.get(section) or []
-            kept = [i for i in items if not (isinstance(i, dict) and i.get("name") == key)]
-            if len(kept) != len(items):
-                cfg[section] = kept
-                mutated = True
-        if cfg.get("current-context") == key:
-            cfg["current-context"] = ""
+        with kubeconfig_lock(path):
+            _remove_from(path, key)
+
+
+def _remove_from(path: str, key: str) -> None:
+    cfg = read_kubeconfig(path)
+    mutated = False
+    for section in ("clusters", "users", "contexts"):
+        items = cfg.get(section) or []
+        kept = [i for i in items if not (isinstance(i, dict) and i.get("name") == key)]
+        if len(kept) != len(items):
+            cfg[section] = kept
             mutated = True
-        if mutated:
-            write_kubeconfig(path, cfg)
+    if cfg.get("current-context") == key:
+        cfg["current-context"] = ""
+        mutated = True
+    if mutated:
+        write_kubeconfig(path, cfg)
 
 
 def load_merged_kubeconfig(explicit: str | None) -> dict[str, Any]:
@@ -1608,8 +1652,11 @@ def kind_main(state: State, argv: list[str]) -> None:
     elif key == ("export", "kubeconfig"):
         cfg = kind_cluster_kubeconfig(state, name, bool(opts.get("internal")))
         with state.locked():
-            merge_kind_kubeconfig(kubeconfig_merge_path(opts.get("kubeconfig")), name,
-                                  cfg["clusters"][0]["cluster"]["server"])
+            try:
+                merge_kind_kubeconfig(kubeconfig_merge_path(opts.get("kubeconfig")), name,
+                                      cfg["clusters"][0]["cluster"]["server"])
+            except KubeconfigLocked as e:
+                raise kind_error(f"failed to export kubeconfig: {e}") from None
         err(f'Set kubectl context to "kind-{name}"')
     elif key == ("delete", "cluster"):
         err(f'Deleting cluster "{name}" ...')
@@ -1691,8 +1738,13 @@ def kind_cluster_kubeconfig(state: State, name: str, internal: bool) -> dict[str
 def kind_delete(state: State, name: str, kubeconfig: str | None) -> None:
     nodes = kind_list_nodes_or_fail(state, name, prefix=f'failed to delete cluster "{name}": '
                                     "error listing nodes: ")
+    kerr: KubeconfigLocked | None = None
     with state.locked():
-        remove_kind_kubeconfig(kubeconfig_paths(kubeconfig), name)
+        try:  # delete.go: a kubeconfig error is logged, the nodes go anyway, then it fails
+            remove_kind_kubeconfig(kubeconfig_paths(kubeconfig), name)
+        except KubeconfigLocked as e:
+            err(f"ERROR: failed to update kubeconfig: {e}")
+            kerr = e
         k = kind_state(state)
         if name in k["clusters"]:
             del k["clusters"][name]
@@ -1705,6 +1757,8 @@ def kind_delete(state: State, name: str, kubeconfig: str | None) -> None:
                 state.write("docker.json", d)
     if nodes:
         err("Deleted nodes: [" + " ".join(json.dumps(n["name"]) for n in nodes) + "]")
+    if kerr is not None:
+        raise kind_error(f'failed to delete cluster "{name}": {kerr}')
 
 
 def kind_create(state: State, opts: dict[str, Any], fail: dict[str, Any] | None,
@@ -1838,8 +1892,20 @@ def kind_create(state: State, opts: dict[str, Any], fail: dict[str, Any] | None,
         k["clusters"][name]["status"] = "running"
         k["clusters"][name]["server"] = server_url_for(state, name, cfg)
         state.write("kind.json", k)
-        merge_kind_kubeconfig(kubeconfig_merge_path(opts.get("kubeconfig")), name,
-                              k["clusters"][name]["server"])
+        server = k["clusters"][name]["server"]
+    # The nodes exist now; only the final export takes the kubeconfig lock, retried with
+    # back-off 0/1/50/100 ms; on failure the cluster is kept (create.go).
+    for backoff in (0, 0.001, 0.05, 0.1):
+        time.sleep(backoff)
+        try:
+            with state.locked():
+                merge_kind_kubeconfig(kubeconfig_merge_path(opts.get("kubeconfig")), name,
+                                      server)
+            break
+        except KubeconfigLocked as e:
+            locked = e
+    else:
+        raise kind_error(f"failed to create cluster: {locked}")
     err(f'Set kubectl context to "kind-{name}"')
     sample = f"kubectl cluster-info --context kind-{name}"
     if opts.get("kubeconfig"):
@@ -2407,6 +2473,9 @@ HELM_CMDS: dict[tuple[str, ...], list[Flag]] = {
     ("repo", "update"): [F("fail-on-repo-update-fail", "bool")],
     ("repo", "list"): HELM_OUTPUT,
     ("repo", "remove"): [],
+    ("search", "repo"): [F("version"), F("devel", "bool"), F("regexp/r", "bool"),
+                         F("versions/l", "bool"), F("max-col-width", "int"),
+                         F("fail-on-no-result", "bool"), *HELM_OUTPUT],
     ("upgrade",): [*HELM_INSTALL_COMMON, F("install/i", "bool"), F("recreate-pods", "bool"),
                    F("reset-values", "bool"), F("reuse-values", "bool"),
                    F("reset-then-reuse-values", "bool"), F("history-max", "int"),
@@ -2435,6 +2504,7 @@ HELM_CMDS: dict[tuple[str, ...], list[Flag]] = {
 HELM_TREE: dict[str, Any] = {
     "version": None, "repo": {"add": None, "update": None, "list": None, "remove": None,
                               "__aliases__": {"up": "update", "ls": "list", "rm": "remove"}},
+    "search": {"repo": None, "hub": None},
     "upgrade": None, "install": None, "status": None, "list": None, "history": None,
     "get": {"values": None, "manifest": None, "all": None, "notes": None, "hooks": None,
             "metadata": None},
@@ -2445,6 +2515,7 @@ HELM_TREE: dict[str, Any] = {
 HELM_ARGS = {  # (min, max, usage)
     ("repo", "add"): (2, 2, "helm repo add [NAME] [URL] [flags]"),
     ("repo", "remove"): (1, 99, "helm repo remove [REPO1 [REPO2 ...]] [flags]"),
+    ("search", "repo"): (0, 1, "helm search repo [keyword] [flags]"),
     ("upgrade",): (2, 2, "helm upgrade [RELEASE] [CHART] [flags]"),
     ("install",): (1, 2, "helm install [NAME] [CHART] [flags]"),
     ("status",): (1, 1, "helm status RELEASE_NAME [flags]"),
@@ -3012,6 +3083,8 @@ def helm_main(state: State, argv: list[str]) -> None:
                 f'GitTreeState:"clean", GoVersion:"{HELM_GO}"}}')
     elif key[0] == "repo":
         helm_repo(state, key[1], opts, pos)
+    elif key == ("search", "repo"):
+        helm_search_repo(state, opts, pos)
     elif key == ("status",):
         hctx = HelmCtx(opts)
         hctx.check_reachable()
@@ -3097,6 +3170,41 @@ HELM_FAIL_DEFAULTS = {
 }
 
 
+def repo_index_snapshot(state: State, url: str) -> Any:
+    """What `repo add`/`repo update` download: ``helm-index.json`` {URL: {chart: [versions]}};
+    a URL not listed there serves every chart at every version ("*")."""
+    table = state.read("helm-index.json", {}) or {}
+    return copy.deepcopy(table.get(url, "*"))
+
+
+def helm_search_repo(state: State, opts: dict[str, Any], pos: list[str]) -> None:
+    """``helm search repo`` over the local index snapshots (cmd/helm/search_repo.go)."""
+    keyword = pos[0] if pos else ""
+    want = (opts.get("version") or "").lstrip("=v")
+    rows = []
+    for name, repo in sorted((state.read("helm-repos.json", {}) or {}).items()):
+        index = repo.get("index")
+        if index is None:
+            err(f'WARNING: Repo "{name}" is corrupt or missing. Try \'helm repo update\'.')
+            continue
+        charts = {keyword.split("/", 1)[-1]: ["*"]} if index == "*" else index
+        for chart, versions in sorted(charts.items()):
+            full = f"{name}/{chart}"
+            if keyword not in full:
+                continue
+            for v in versions:
+                if v == "*":
+                    v = opts.get("version") or "0.1.0"
+                if want and v.lstrip("v") != want:
+                    continue
+                rows.append({"name": full, "version": v, "app_version": v,
+                             "description": f"{chart} (fake index)"})
+    helm_output(opts["output"], rows, lambda: "No results found" if not rows else "\n".join(
+        ["NAME\tCHART VERSION\tAPP VERSION\tDESCRIPTION"]
+        + [f"{r['name']}\t{r['version']}\t{r['app_version']}\t{r['description']}"
+           for r in rows]))
+
+
 def helm_repo(state: State, sub: str, opts: dict[str, Any], pos: list[str]) -> None:
     with state.locked():
         repos = state.read("helm-repos.json", {}) or {}
@@ -3112,7 +3220,8 @@ def helm_repo(state: State, sub: str, opts: dict[str, Any], pos: list[str]) -> N
                                      "a different name")
                 out(f'"{name}" already exists with the same configuration, skipping')
                 return
-            repos[name] = {**entry, "added": time.time()}
+            repos[name] = {**entry, "added": time.time(),
+                           "index": repo_index_snapshot(state, url)}
             state.write("helm-repos.json", repos)
             out(f'"{name}" has been added to your repositories')
         elif sub == "update":
@@ -3126,6 +3235,7 @@ def helm_repo(state: State, sub: str, opts: dict[str, Any], pos: list[str]) -> N
             out("Hang tight while we grab the latest from your chart repositories...")
             for n in names:
                 repos[n]["updated"] = time.time()
+                repos[n]["index"] = repo_index_snapshot(state, repos[n]["url"])
                 out(f'...Successfully got an update from the "{n}" chart repository')
             state.write("helm-repos.json", repos)
             out("Update Complete. ⎈Happy Helming!⎈")
@@ -3467,6 +3577,20 @@ def read_calls(state_dir: str) -> list[dict[str, Any]]:
         return []
     with open(p, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def read_intervals(state_dir: str) -> list[dict[str, Any]]:
+    """Every finished call with its ``start`` and ``end`` time (calls.jsonl + ends.jsonl)."""
+    p = os.path.join(str(state_dir), "ends.jsonl")
+    ends: dict[int, float] = {}
+    if os.path.exists(p):
+        with open(p, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    e = json.loads(line)
+                    ends[int(e["pid"])] = float(e["time"])
+    return [dict(c, start=c["time"], end=ends[c["pid"]]) for c in read_calls(state_dir)
+            if c["pid"] in ends]
 
 
 def read_state(state_dir: str, name: str, default: Any = None) -> Any:
