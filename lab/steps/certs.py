@@ -85,6 +85,10 @@ def cert_manager_values() -> dict[str, Any]:
             "kind": "ControllerConfiguration",
             "enableGatewayAPI": True,
         },
+        # The chart's startupapicheck Job is a post-install hook; helm waits for it (within
+        # --timeout) and marks the release failed when a cold image pull outlasts that. The
+        # certs gate asks the webhook itself (a server-side dry-run), so the hook is off.
+        "startupapicheck": {"enabled": False},
     }
 
 
