@@ -1,4 +1,9 @@
-"""Pinned tool bootstrap: kind, helm and the Cilium CLI, checksum-verified, in ``<stateDir>/bin``.
+"""Pinned tool bootstrap: kind, helm and the Cilium CLI, checksum-verified, in one tools directory.
+
+The tools directory belongs to the user, not to a lab: ``$LAB_TOOLS_DIR``, else
+``$XDG_CACHE_HOME/kind-cilium-lab/bin`` (``~/.cache/kind-cilium-lab/bin``). Every lab config (and
+`lab.tools` run without one) finds the same binaries, so nothing is downloaded twice and no task
+falls back to another kind or helm on PATH because it looked in another lab's state directory.
 
 Where a tool is missing or not at the pinned version, the pinned release for this platform is
 downloaded from its official release location (overridable per tool with
@@ -63,6 +68,7 @@ DEFAULT_BASES = {
 }
 BASE_ENV = "LAB_DOWNLOAD_BASE_"  # + KIND | HELM | CILIUM
 NO_DOWNLOAD_ENV = "LAB_NO_DOWNLOAD"
+TOOLS_DIR_ENV = "LAB_TOOLS_DIR"
 
 SUPPORTED_OS = {"linux": "linux", "darwin": "darwin"}
 SUPPORTED_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -102,9 +108,18 @@ def pinned_versions(cfg: LabConfig) -> dict[str, str]:
     return {"kind": v.kind, "helm": v.helm, "cilium": v.cilium_cli}
 
 
+def tools_dir() -> Path:
+    """Where verified tools live, shared by every lab of this user (see the module doc)."""
+    explicit = os.environ.get(TOOLS_DIR_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(cache) / "kind-cilium-lab" / "bin"
+
+
 def lab_tools(cfg: LabConfig, log: Logger) -> Tools:
-    """A `Tools` that looks in ``<stateDir>/bin`` first and knows the pinned versions."""
-    return Tools(cfg.state_dir / "bin", log, pinned_versions(cfg))
+    """A `Tools` that looks in the tools directory first and knows the pinned versions."""
+    return Tools(tools_dir(), log, pinned_versions(cfg))
 
 
 def downloads_forbidden_by_env() -> bool:
@@ -184,7 +199,7 @@ def ensure_tools(cfg: LabConfig, tools: Tools, *, allow_download: bool,
         _refuse(todo, pinned, tools, out)
         return []
     os_name, arch = platform_ or platform_pair()
-    bin_dir = cfg.state_dir / "bin"
+    bin_dir = tools.bin_dir or tools_dir()
     bin_dir.mkdir(parents=True, exist_ok=True)
     installed: list[str] = []
     with _bin_lock(bin_dir):
@@ -232,7 +247,7 @@ def _refuse(todo: list[tuple[str, str]], pinned: dict[str, str], tools: Tools,
     problems = "; ".join(f"{TITLES[n]}: {w}" for n, w in required)
     hints = "\n    ".join(INSTALL_HINTS.get(n, f"install {n} {{version}}").format(
         version=pinned[n]) for n, _ in required)
-    bin_dir = tools.bin_dir or "<stateDir>/bin"
+    bin_dir = tools.bin_dir or tools_dir()
     raise LabError(
         f"required tools are missing or at the wrong version and downloads are off: {problems}",
         f"install them (or put them in {bin_dir}):\n    {hints}\n  or allow downloads "
@@ -248,7 +263,8 @@ def _forget(tools: Tools, name: str) -> None:
 
 @contextlib.contextmanager
 def _bin_lock(bin_dir: Path) -> Iterator[None]:
-    """One bootstrap at a time per state directory (two would share the resumable .part)."""
+    """One bootstrap at a time per tools directory, across labs and processes (two would share
+    the resumable .part)."""
     with open(bin_dir / ".bootstrap.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:

@@ -9,6 +9,19 @@ Sources for the thresholds: kind ``site/content/docs/user/known-issues.md`` (ino
 several clusters, Docker Desktop cannot reach node IPs), cilium
 ``Documentation/operations/system_requirements.rst`` (kernel >= 5.10 or RHEL 8.10's 4.18),
 cilium ``Documentation/installation/kind.rst`` (socket-LB needs cgroup v2).
+
+The host checks added for what kind and Cilium users commonly hit (sources at the pinned tags):
+rootless Docker/Podman (kind ``pkg/cluster/internal/providers/docker/provider.go`` ``info()``:
+``SecurityOptions`` ``name=rootless``; ``pkg/cluster/internal/create/create.go``
+``validateProvider``: cgroup v2 and ``Delegate=yes``; ``site/content/docs/user/rootless.md``);
+socket-LB on kind (cilium v1.18.4 ``Documentation/installation/kind.rst`` lines 50-85: private
+cgroup namespaces, which kind requests with ``--cgroupns=private``, and kernel >= 5.14 or the
+cgroup v1 ``net_cls``/``net_prio`` controllers off; lines 115-125: another Cilium or overlapping
+BPF cgroup programs on the host crash the agents); free disk (kind
+``pkg/cluster/internal/kubeadm/config.go`` sets ``evictionHard`` to 0%, so a full disk shows as
+image pull failures; known-issues.md "Failing to properly start cluster"); host routes over the
+lab's ranges (known-issues.md "Local Subnet Clashes"); firewalld's nftables backend and SELinux
+on Fedora (known-issues.md "Fedora").
 """
 
 from __future__ import annotations
@@ -20,6 +33,8 @@ import os
 import platform
 import re
 import socket
+import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +58,10 @@ MEM_PER_NODE_FAIL = 1.5 * GIB
 MIN_CPUS = 2
 KIND_DEFAULT_SUBNET = "172.18.0.0/16"
 DOCKER_TIMEOUT = 20.0
+SOCKET_LB_KERNEL = (5, 14)  # cgroup v1 net_cls/net_prio no longer break BPF socket hooks
+DISK_PER_NODE_WARN = 4 * GIB  # node image layers + Cilium, Envoy, Hubble, cert-manager images
+DISK_PER_NODE_FAIL = 2 * GIB
+UNPRIVILEGED_PORT_START = 1024  # the kernel's default net.ipv4.ip_unprivileged_port_start
 
 SYSCTL_FIX = ("sudo sysctl -w fs.inotify.{key}={need}; to keep it across reboots: "
               "echo 'fs.inotify.{key} = {need}' | sudo tee -a /etc/sysctl.d/99-kind.conf")
@@ -70,35 +89,53 @@ class _Facts:
     existing: set[str] = field(default_factory=set)  # the lab's clusters that already exist
     vm: bool = False  # containers run in a VM the host cannot route to (Docker Desktop, macOS)
     vm_why: str = ""
+    network: dict[str, Any] = field(default_factory=dict)  # `docker network inspect` of it
+    pools: dict[str, str] = field(default_factory=dict)  # cluster → LB pool, when known
+
+
+StatVfs = Callable[[Path], Any]  # os.statvfs, or a stand-in in the tests
 
 
 def run_checks(cfg: LabConfig, tools: Tools, *, proc_root: Path = Path("/"),
                states: dict[str, str] | None = None,
-               host_system: str | None = None) -> list[Finding]:
+               host_system: str | None = None, include_tools: bool = True,
+               statvfs: StatVfs = os.statvfs) -> list[Finding]:
     """Every check, in a fixed order. Never raises for what it finds; reports it.
 
     ``proc_root`` is where ``proc/sys/fs/inotify/*``, ``proc/sys/kernel/osrelease``,
     ``proc/meminfo`` and ``sys/fs/cgroup/cgroup.controllers`` are read (tests point it at temp
     files). ``states`` maps cluster name → recorded state; it stands in for `kind get clusters`
     when kind is unavailable. ``host_system`` overrides `platform.system()` (tests).
+    ``include_tools=False`` leaves out the tool versions: the checks that need no download, so
+    `lab.up` can run them (Docker first) before fetching anything. ``statvfs`` reads free disk.
     """
     system = host_system or platform.system()
     facts = _gather(cfg, tools, states or {}, system)
     findings = [_check_docker(tools, facts), _check_desktop(cfg, facts),
-                _check_network(cfg, tools, facts)]
+                _check_network(cfg, tools, facts), _check_rootless(cfg, proc_root, facts)]
     findings += _check_inotify(cfg, proc_root, facts, system)
     findings += _check_ports(cfg, facts)
     findings += [_check_cgroup(proc_root, facts), _check_kernel(proc_root, facts, system),
-                 _check_memory(cfg, proc_root, facts), _check_cpus(facts)]
-    findings += _check_tools(tools)
+                 _check_socket_lb(proc_root, facts, system),
+                 _check_memory(cfg, proc_root, facts), _check_cpus(facts),
+                 _check_disk(cfg, proc_root, facts, statvfs),
+                 _check_routes(cfg, proc_root, facts, system),
+                 _check_host_cilium(proc_root, facts, system),
+                 *_check_fedora(proc_root, facts, system)]
+    if include_tools:
+        findings += _check_tools(tools)
     return findings
 
 
 def preflight(cfg: LabConfig, tools: Tools, log: Logger, *, proc_root: Path = Path("/"),
-              host_system: str | None = None) -> list[Finding]:
-    """Run the checks, log each, raise `LabError` naming every failing one with its fix."""
+              host_system: str | None = None, include_tools: bool = True) -> list[Finding]:
+    """Run the checks, log each, raise `LabError` naming every failing one with its fix.
+
+    `lab.up` calls it with ``include_tools=False`` before downloading the pinned tools, so a
+    missing Docker daemon (or another host problem) is the first thing reported.
+    """
     findings = run_checks(cfg, tools, proc_root=proc_root, states=recorded_states(cfg),
-                          host_system=host_system)
+                          host_system=host_system, include_tools=include_tools)
     for f in findings:
         level = {"ok": log.debug, "warn": log.warning, "fail": log.error}[f.verdict]
         level("doctor.check", check=f.name, verdict=f.verdict, found=f.found,
@@ -274,6 +311,7 @@ def _check_network(cfg: LabConfig, tools: Tools, facts: _Facts) -> Finding:
         data = json.loads(out)
         ipam = data[0].get("IPAM") or {}
         subnets = [str(s["Subnet"]) for s in ipam.get("Config") or [] if s.get("Subnet")]
+        facts.network = dict(data[0], subnets=subnets)
     except (ValueError, IndexError, KeyError, TypeError, AttributeError):
         return Finding(name, "warn", f"could not read `docker network inspect {net}`",
                        f"check it by hand: docker network inspect -f '{{{{.IPAM.Config}}}}' {net}")
@@ -282,6 +320,7 @@ def _check_network(cfg: LabConfig, tools: Tools, facts: _Facts) -> Finding:
     except PoolError as exc:
         return Finding(name, "fail", f"subnets {', '.join(subnets) or 'none'}: {exc.message}",
                        exc.hint)
+    facts.pools = pools
     return Finding(name, "ok", f"subnets {', '.join(subnets)}; pools {_pools_text(pools)}")
 
 
@@ -482,6 +521,269 @@ def _check_cpus(facts: _Facts) -> Finding:
     return Finding("cpus", "warn", f"{ncpu or 'unknown'} ({source}) < {MIN_CPUS}: bring-up will "
                    "be slow and readiness gates may time out",
                    "give Docker at least 2 CPUs (Docker Desktop: Settings → Resources)")
+
+
+# -- what kind and Cilium users commonly hit ------------------------------------------------------
+
+def _rootless(info: dict[str, Any]) -> bool:
+    """Docker lists ``name=rootless`` among SecurityOptions (kind's provider.go ``info()``);
+    Podman's `docker info` answers ``host.security.rootless``."""
+    for opt in info.get("SecurityOptions") or []:
+        if "name=rootless" in str(opt).split(","):
+            return True
+    host = info.get("host")
+    return isinstance(host, dict) and bool((host.get("security") or {}).get("rootless"))
+
+
+def _check_rootless(cfg: LabConfig, proc_root: Path, facts: _Facts) -> Finding:
+    name = "rootless container engine"
+    if not facts.docker:
+        return Finding(name, "warn", "not checked: Docker is not reachable",
+                       "fix the docker daemon check first")
+    info = facts.info
+    if not _rootless(info):
+        return Finding(name, "ok", "rootful engine")
+    fails, fixes = [], []
+    if str(info.get("CgroupVersion", "")) != "2":
+        fails.append("kind with a rootless provider requires cgroup v2")
+        fixes.append("boot with cgroup v2: add systemd.unified_cgroup_hierarchy=1 to "
+                     "GRUB_CMDLINE_LINUX in /etc/default/grub, `sudo update-grub`, reboot")
+    delegated = info.get("CgroupDriver") != "none" and all(
+        info.get(k) for k in ("MemoryLimit", "PidsLimit", "CPUShares"))
+    if not delegated:
+        fails.append("the cgroup controllers are not delegated to your user (no memory, pids "
+                     "or cpu limits), which kind refuses")
+        fixes.append("create /etc/systemd/system/user@.service.d/delegate.conf with "
+                     "'[Service]' and 'Delegate=yes', run `sudo systemctl daemon-reload`, then "
+                     "`systemctl --user restart docker`")
+    start = _int_file(proc_root, "proc/sys/net/ipv4/ip_unprivileged_port_start",
+                      UNPRIVILEGED_PORT_START)
+    low = sorted({p for c in cfg.clusters
+                  for p in (c.gateway.http_host_port, c.gateway.https_host_port) if p < start})
+    if low:
+        fails.append(f"host port(s) {', '.join(map(str, low))} are below "
+                     f"net.ipv4.ip_unprivileged_port_start ({start}): a rootless engine "
+                     "cannot publish them")
+        fixes.append(f"use host ports >= {start} (clusters[].gateway.http(s)HostPort) or "
+                     f"`sudo sysctl -w net.ipv4.ip_unprivileged_port_start={min(low)}`")
+    bpf = ("Cilium's agent must load BPF programs and mount the BPF filesystem in the node, "
+           "which user-namespaced (rootless) containers are not allowed to do")
+    if fails:
+        return Finding(name, "fail", "rootless engine: " + "; ".join(fails) + f"; also, {bpf}",
+                       "; ".join(fixes) + " (https://kind.sigs.k8s.io/docs/user/rootless/); "
+                       "or use rootful Docker")
+    return Finding(name, "warn", f"rootless engine: {bpf}",
+                   "use rootful Docker (`sudo systemctl start docker`, unset DOCKER_HOST) for "
+                   "this lab; kind's rootless notes: https://kind.sigs.k8s.io/docs/user/rootless/")
+
+
+def _int_file(proc_root: Path, rel: str, default: int) -> int:
+    try:
+        return int((_read(proc_root, rel) or "").strip())
+    except ValueError:
+        return default
+
+
+def _kernel_release(proc_root: Path, facts: _Facts, system: str) -> tuple[str, str]:
+    release = str(facts.info.get("KernelVersion", "")) if facts.docker else ""
+    if release:
+        return release, "docker daemon"
+    release = (_read(proc_root, "proc/sys/kernel/osrelease") or "").strip()
+    if not release and system == "Linux":
+        release = platform.release()
+    return release, "host"
+
+
+def _check_socket_lb(proc_root: Path, facts: _Facts, system: str) -> Finding:
+    name = "socket-LB on kind"
+    release, source = _kernel_release(proc_root, facts, system)
+    m = re.match(r"(\d+)\.(\d+)", release)
+    if not m:
+        return Finding(name, "warn", f"could not read the kernel version ({release or 'none'})",
+                       "check `uname -r`: Cilium's socket-LB on kind needs 5.14+, or the cgroup "
+                       "v1 net_cls/net_prio controllers off")
+    if (int(m.group(1)), int(m.group(2))) >= SOCKET_LB_KERNEL:
+        return Finding(name, "ok", f"kernel {release} ({source}) >= 5.14; kind runs each node "
+                       "in a private cgroup namespace")
+    if facts.vm:
+        return Finding(name, "warn", f"kernel {release} ({source}) < 5.14 in Docker's VM, "
+                       "whose cgroup controllers this host cannot read",
+                       "update Docker Desktop (its VM brings a newer kernel)")
+    v1 = []
+    for line in (_read(proc_root, "proc/cgroups") or "").splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] in ("net_cls", "net_prio") and parts[1] != "0" \
+                and parts[3] == "1":
+            v1.append(parts[0])
+    if not v1:
+        return Finding(name, "ok", f"kernel {release} ({source}) < 5.14 but the cgroup v1 "
+                       "net_cls/net_prio controllers are not mounted")
+    return Finding(name, "fail", f"kernel {release} ({source}) < 5.14 with the cgroup v1 "
+                   f"{'/'.join(v1)} controller(s) mounted: Cilium's socket-LB (kube-proxy "
+                   "replacement) attaches at the wrong cgroup and Services break",
+                   "upgrade the kernel to 5.14 or newer, or boot with "
+                   "cgroup_no_v1=net_cls,net_prio (or cgroup_no_v1=all) on the kernel command "
+                   "line (GRUB_CMDLINE_LINUX), then reboot")
+
+
+def _check_disk(cfg: LabConfig, proc_root: Path, facts: _Facts, statvfs: StatVfs) -> Finding:
+    name = "free disk"
+    root = str(facts.info.get("DockerRootDir") or "/var/lib/docker") if facts.docker else \
+        "/var/lib/docker"
+    nodes = sum(1 + c.workers for c in cfg.clusters)
+    if facts.vm:
+        return Finding(name, "ok", f"not checked: images live in Docker's VM ({facts.vm_why}); "
+                       f"give it ~{nodes * DISK_PER_NODE_WARN / GIB:.0f} GiB free")
+    path = proc_root / root.lstrip("/")
+    while not path.exists() and path != path.parent:
+        path = path.parent  # e.g. /var/lib/docker unreadable: its filesystem is the parent's
+    try:
+        st = statvfs(path)
+        free = int(st.f_bavail) * int(st.f_frsize)
+    except OSError as exc:
+        return Finding(name, "warn", f"could not read free space at {root}: {exc}",
+                       f"check `df -h {root}`: ~{nodes * DISK_PER_NODE_WARN / GIB:.0f} GiB "
+                       "should be free")
+    found = (f"{free / GIB:.1f} GiB free for {root}; {nodes} node(s) at "
+             f"~{DISK_PER_NODE_WARN / GIB:.0f} GiB each")
+    fix = ("free space: `docker system prune` / `docker image prune` (unused containers and "
+           "images), delete unused kind clusters (`kind get clusters`); kind turns the "
+           "kubelet's disk eviction off, so a full disk shows up as image pull failures")
+    if free < nodes * DISK_PER_NODE_FAIL:
+        return Finding(name, "fail", found + " — too little", fix)
+    if free < nodes * DISK_PER_NODE_WARN:
+        return Finding(name, "warn", found + " — tight", fix)
+    return Finding(name, "ok", found)
+
+
+def host_routes(text: str) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """(interface, destination) of each IPv4 route in ``/proc/net/route`` (little-endian hex)."""
+    routes = []
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        try:
+            dest = socket.inet_ntoa(struct.pack("<L", int(parts[1], 16)))
+            mask = socket.inet_ntoa(struct.pack("<L", int(parts[7], 16)))
+            routes.append((parts[0], ipaddress.IPv4Network(f"{dest}/{mask}")))
+        except (ValueError, struct.error):
+            continue
+    return routes
+
+
+def _bridge_name(network: dict[str, Any]) -> str:
+    """Docker names a user-defined bridge ``br-<first 12 of the id>`` unless an option says."""
+    opts = network.get("Options") or {}
+    explicit = opts.get("com.docker.network.bridge.name")
+    if explicit:
+        return str(explicit)
+    net_id = str(network.get("Id") or "")
+    return f"br-{net_id[:12]}" if net_id else ""
+
+
+def _check_routes(cfg: LabConfig, proc_root: Path, facts: _Facts, system: str) -> Finding:
+    name = "host routes"
+    if facts.vm or system != "Linux":
+        return Finding(name, "ok", "not checked: the nodes run in Docker's VM")
+    text = _read(proc_root, "proc/net/route")
+    if text is None:
+        return Finding(name, "warn", "could not read /proc/net/route",
+                       "check `ip route` for routes over the lab's pod, service and pool ranges")
+    bridge = _bridge_name(facts.network)
+    kind_net = [n for s in facts.network.get("subnets", [])
+                if isinstance(n := ipaddress.ip_network(s), ipaddress.IPv4Network)]
+    routes = [(dev, net) for dev, net in host_routes(text) if net.prefixlen > 0 and dev != bridge
+              and not any(net == k for k in kind_net)]
+    fails, warns = [], []
+    for c in cfg.clusters:
+        for label, cidr in (("podCIDR", c.pod_cidr), ("serviceCIDR", c.service_cidr)):
+            net = ipaddress.ip_network(cidr)
+            for dev, r in routes:
+                if net.version == 4 and r.overlaps(net):
+                    warns.append(f"{c.name} {label} {cidr} overlaps {r} via {dev}: pods cannot "
+                                 "reach those host-routed addresses")
+        pool = facts.pools.get(c.name) or c.lb_pool
+        if pool:
+            pnet = ipaddress.IPv4Network(pool)
+            longest = max((k.prefixlen for k in kind_net if pnet.subnet_of(k)), default=0)
+            for dev, r in routes:
+                if r.overlaps(pnet) and r.prefixlen >= longest:
+                    fails.append(f"{c.name} lbPool {pool} overlaps {r} via {dev}: the host "
+                                 "sends LoadBalancer traffic there instead of to the kind "
+                                 "network")
+    if fails:
+        return Finding(name, "fail", "; ".join(fails + warns),
+                       "set clusters[].lbPool to a range no host route covers (or remove the "
+                       "route, e.g. a VPN's), or move Docker's networks away from it "
+                       "(\"default-address-pools\" in /etc/docker/daemon.json)")
+    if warns:
+        return Finding(name, "warn", "; ".join(warns),
+                       "set clusters[].podCIDR/serviceCIDR to ranges no host route covers")
+    return Finding(name, "ok", f"no route over the lab's ranges ({len(routes)} other route(s))")
+
+
+def _check_host_cilium(proc_root: Path, facts: _Facts, system: str) -> Finding:
+    name = "cilium on the host"
+    if facts.vm or system != "Linux":
+        return Finding(name, "ok", "not checked: the nodes run in Docker's VM")
+    found = []
+    proc = proc_root / "proc"
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if not entry.name.isdigit():
+            continue
+        if (_read(proc_root, f"proc/{entry.name}/comm") or "").strip() != "cilium-agent":
+            continue
+        cgroup = (_read(proc_root, f"proc/{entry.name}/cgroup") or "").strip()
+        if "docker" in cgroup or "libpod" in cgroup:
+            continue  # an agent inside a kind node (another kind cluster): no conflict
+        found.append(f"pid {entry.name} ({cgroup.splitlines()[-1] if cgroup else '?'})")
+    if found:
+        return Finding(name, "warn", "a cilium-agent runs on the host itself: "
+                       + ", ".join(found) + "; its BPF cgroup programs overlap the kind "
+                       "nodes' and their Cilium agents crash",
+                       "tear that Cilium down, or detach the overlapping BPF cgroup programs "
+                       "(`sudo bpftool cgroup tree /sys/fs/cgroup` lists them)")
+    return Finding(name, "ok", "no cilium-agent on the host (other BPF cgroup programs need "
+                   "root to list: `sudo bpftool cgroup tree /sys/fs/cgroup`)")
+
+
+def _os_release(proc_root: Path) -> dict[str, str]:
+    out = {}
+    for line in (_read(proc_root, "etc/os-release") or "").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip().strip('"')
+    return out
+
+
+def _check_fedora(proc_root: Path, facts: _Facts, system: str) -> list[Finding]:
+    if facts.vm or system != "Linux":
+        return []
+    findings = []
+    conf = _read(proc_root, "etc/firewalld/firewalld.conf") or ""
+    backend = re.search(r"^\s*FirewallBackend\s*=\s*(\S+)", conf, re.MULTILINE)
+    enabled = (proc_root / "etc/systemd/system/multi-user.target.wants/firewalld.service"
+               ).exists()
+    if enabled and backend and backend.group(1) == "nftables":
+        findings.append(Finding(
+            "firewalld", "warn", "firewalld is enabled with FirewallBackend=nftables: kind "
+            "nodes may not reach each other",
+            "sudo sed -i 's/FirewallBackend=.*/FirewallBackend=iptables/' "
+            "/etc/firewalld/firewalld.conf && sudo systemctl restart firewalld"))
+    else:
+        findings.append(Finding("firewalld", "ok", "not enabled with the nftables backend"))
+    osr = _os_release(proc_root)
+    enforcing = (_read(proc_root, "sys/fs/selinux/enforce") or "").strip() == "1"
+    if enforcing and osr.get("ID") == "fedora" and osr.get("VERSION_ID") == "33":
+        findings.append(Finding(
+            "selinux", "warn", "SELinux enforcing on Fedora 33, whose policy makes `kind "
+            "create cluster` fail with 'open /dev/dma_heap: permission denied'",
+            "upgrade to Fedora 34+, or `sudo setenforce 0` (permissive until reboot)"))
+    else:
+        findings.append(Finding("selinux", "ok", "enforcing" if enforcing else
+                                "not enforcing or not present"))
+    return findings
 
 
 def _check_tools(tools: Tools) -> list[Finding]:

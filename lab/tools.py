@@ -1,8 +1,8 @@
 """Running the external tools the lab drives: kind, helm, docker.
 
-Binaries are looked up in the lab's ``<stateDir>/bin`` first (where the bootstrap puts verified
-pinned releases), then on PATH. A missing tool or one at the wrong version is reported with what
-to install.
+Binaries are looked up in the user's tools directory first (where the bootstrap puts verified
+pinned releases, ``lab.bootstrap.tools_dir``), then on PATH. A missing tool or one at the wrong
+version is reported with what to install.
 """
 
 from __future__ import annotations

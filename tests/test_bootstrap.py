@@ -136,6 +136,7 @@ def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LabConfig:
     empty = tmp_path / "path"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))  # no real kind/helm/cilium leaks in
+    monkeypatch.setenv("LAB_TOOLS_DIR", str(tmp_path / "tools"))  # never the user's cache
     for tool in ("KIND", "HELM", "CILIUM"):
         monkeypatch.delenv(f"LAB_DOWNLOAD_BASE_{tool}", raising=False)
     raw = {
@@ -169,7 +170,7 @@ def test_good_checksums_install_every_tool(cfg: LabConfig, server: Server) -> No
     installed = ensure_tools(cfg, tools, allow_download=True, base_urls=server.bases(), out=out,
                              platform_=(OS, ARCH))
     assert installed == [f"kind {KIND_V}", f"helm {HELM_V}", f"cilium {CILIUM_V}"]
-    bin_dir = cfg.state_dir / "bin"
+    bin_dir = bootstrap.tools_dir()
     for name in ("kind", "helm", "cilium"):
         path = bin_dir / name
         assert path.stat().st_mode & stat.S_IXUSR
@@ -202,7 +203,7 @@ def test_wrong_checksum_is_refused_and_the_file_removed(cfg: LabConfig, server: 
     assert "checksum mismatch" in msg
     assert bogus in msg and hashlib.sha256(files["kind"]).hexdigest() in msg
     assert "nothing was installed" in err.value.hint
-    bin_dir = cfg.state_dir / "bin"
+    bin_dir = bootstrap.tools_dir()
     assert not (bin_dir / "kind").exists()
     assert leftovers(bin_dir) == []
     assert not marker.exists()  # the unverified binary never ran
@@ -216,7 +217,7 @@ def test_truncated_download_is_cleaned_up(cfg: LabConfig, server: Server) -> Non
         ensure_tools(cfg, lab_tools(cfg), allow_download=True, base_urls=server.bases(),
                      out=io.StringIO(), platform_=(OS, ARCH), names=("helm",))
     assert "run the task again" in err.value.hint
-    bin_dir = cfg.state_dir / "bin"
+    bin_dir = bootstrap.tools_dir()
     assert not (bin_dir / "helm").exists()
     assert leftovers(bin_dir) == []
     # Re-running (the server healthy again) completes the job.
@@ -231,7 +232,7 @@ def test_interrupted_download_resumes_with_a_range_request(cfg: LabConfig,
     files = publish_all(server)
     data = files["kind"]
     digest = hashlib.sha256(data).hexdigest()
-    bin_dir = cfg.state_dir / "bin"
+    bin_dir = bootstrap.tools_dir()
     bin_dir.mkdir(parents=True)
     half = len(data) // 2
     (bin_dir / f".kind-{OS}-{ARCH}.{digest[:12]}.part").write_bytes(data[:half])
@@ -275,7 +276,7 @@ def test_release_missing_for_the_platform_names_the_url(cfg: LabConfig,
                      out=io.StringIO(), platform_=("darwin", "arm64"), names=("kind",))
     assert f"/kind/{KIND_V}/kind-darwin-arm64.sha256sum" in err.value.message
     assert "versions.kind" in err.value.hint
-    assert leftovers(cfg.state_dir / "bin") == []
+    assert leftovers(bootstrap.tools_dir()) == []
 
 
 def test_wrong_version_on_path_is_replaced(cfg: LabConfig, server: Server,
@@ -290,7 +291,7 @@ def test_wrong_version_on_path_is_replaced(cfg: LabConfig, server: Server,
     ensure_tools(cfg, tools, allow_download=True, base_urls=server.bases(), out=out,
                  platform_=(OS, ARCH), names=("kind",))
     assert "v0.20.0" in out.getvalue()
-    assert tools.which("kind") == str(cfg.state_dir / "bin" / "kind")
+    assert tools.which("kind") == str(bootstrap.tools_dir() / "kind")
     assert tools.version("kind") == KIND_V
 
 
@@ -406,7 +407,7 @@ def test_tools_task_installs_and_reports(cfg: LabConfig, server: Server, tmp_pat
     capsys.readouterr()
     tools_task(Context(), config=str(cfg_file), no_download=True, log_format="json")
     printed = capsys.readouterr().out
-    assert str(tmp_path / "state" / "bin" / "kind") in printed
+    assert str(tmp_path / "tools" / "kind") in printed
     assert "missing (optional)" in printed
     assert "export PATH=" in printed
 
@@ -432,3 +433,35 @@ def test_download_switch_in_the_config(tmp_path: Path, monkeypatch: pytest.Monke
     raw["downloadTools"] = False
     path.write_text(yaml.safe_dump(raw))
     assert not downloads_allowed(load_config(path), no_download=False)
+
+
+def test_tools_dir_is_the_users_not_the_labs(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LAB_TOOLS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert bootstrap.tools_dir() == tmp_path / "cache" / "kind-cilium-lab" / "bin"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert bootstrap.tools_dir() == tmp_path / "home" / ".cache" / "kind-cilium-lab" / "bin"
+    monkeypatch.setenv("LAB_TOOLS_DIR", str(tmp_path / "mine"))
+    assert bootstrap.tools_dir() == tmp_path / "mine"
+
+
+def test_two_labs_share_one_download(cfg: LabConfig, server: Server, tmp_path: Path) -> None:
+    """`lab.tools` without --config and `lab.doctor --config config/mesh.yaml` (another state
+    directory) must find the same binaries: the second lab downloads nothing."""
+    publish_all(server)
+    ensure_tools(cfg, lab_tools(cfg), allow_download=True, base_urls=server.bases(),
+                 out=io.StringIO(), platform_=(OS, ARCH))
+    fetched = len(server.requests)
+    raw = {"apiVersion": "kind-cilium-lab/v1", "versions": {
+        "kind": KIND_V, "nodeImage": NODE_IMAGE, "helm": HELM_V, "cilium": "1.18.4",
+        "ciliumCLI": CILIUM_V, "gatewayAPI": "v1.4.0", "certManager": "v1.19.0"},
+        "stateDir": str(tmp_path / "other-state"),
+        "clusters": [{"name": "east"}, {"name": "west"}]}
+    other = parse_config(raw, tmp_path / "mesh.yaml")
+    tools = lab_tools(other)
+    assert ensure_tools(other, tools, allow_download=True, base_urls=server.bases(),
+                        out=io.StringIO(), platform_=(OS, ARCH)) == []
+    assert len(server.requests) == fetched
+    assert tools.which("kind") == str(tmp_path / "tools" / "kind")

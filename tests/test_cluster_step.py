@@ -236,7 +236,7 @@ def test_parallel_creates_overlap_and_never_share_a_kubeconfig(
         def create(ctx: Any) -> None:
             try:
                 ClusterStep().apply(ctx)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=create, args=(c,)) for c in contexts]

@@ -107,6 +107,22 @@ class Env:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
 
+    def routes(self, *routes: tuple[str, str]) -> None:
+        """/proc/net/route as the kernel writes it: little-endian hex destination and mask."""
+        import ipaddress
+        import struct
+
+        def hexle(addr: ipaddress.IPv4Address) -> str:
+            return f"{struct.unpack('<L', addr.packed)[0]:08X}"
+
+        lines = ["Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\t"
+                 "Window\tIRTT"]
+        for dev, cidr in routes:
+            net = ipaddress.IPv4Network(cidr)
+            lines.append(f"{dev}\t{hexle(net.network_address)}\t00000000\t0001\t0\t0\t0\t"
+                         f"{hexle(net.netmask)}\t0\t0\t0")
+        self.sysfile("proc/net/route", "\n".join(lines) + "\n")
+
     def meminfo(self, total: float, available: float) -> None:
         self.sysfile("proc/meminfo", f"MemTotal:       {int(total * GIB / 1024)} kB\n"
                      f"MemFree:         1000 kB\n"
@@ -120,6 +136,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
         d.mkdir()
     monkeypatch.setenv("PATH", str(e.bin))
     monkeypatch.setenv("FAKE_DOCKER_DIR", str(e.docker_dir))
+    monkeypatch.setenv("LAB_TOOLS_DIR", str(tmp_path / "tools"))
     e.tool("docker", DOCKER)
     e.tool("kind", KIND.format(version="v0.29.0"))
     e.tool("helm", HELM.format(version="v3.19.0"))
@@ -131,6 +148,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
     e.sysfile("proc/sys/kernel/osrelease", "6.8.0-45-generic\n")
     e.sysfile("sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory pids\n")
     e.meminfo(16, 12)
+    e.routes(("eth0", "0.0.0.0/0"), ("eth0", "192.168.1.0/24"), ("docker0", "172.17.0.0/16"),
+             ("br-4d7f2a1b9c3e", "172.18.0.0/16"))
     return e
 
 
@@ -185,11 +204,21 @@ def make_cfg(root: Path, clusters: int = 1, workers: int = 0,
     return parse_config(raw, root / "lab.yaml")
 
 
+class Disk:
+    """os.statvfs stand-in: ``free_gib`` available to unprivileged users."""
+
+    def __init__(self, free_gib: float) -> None:
+        self.f_frsize = 4096
+        self.f_bavail = int(free_gib * GIB / 4096)
+
+
 def check(env: Env, cfg: LabConfig | None = None, name: str = "", *,
-          states: dict[str, str] | None = None, system: str = "Linux") -> list[Finding]:
+          states: dict[str, str] | None = None, system: str = "Linux",
+          free_gib: float = 100) -> list[Finding]:
     cfg = cfg or make_cfg(env.root)
     findings = run_checks(cfg, bootstrap.lab_tools(cfg, get_logger("test")), proc_root=env.proc,
-                          states=states, host_system=system)
+                          states=states, host_system=system,
+                          statvfs=lambda path: Disk(free_gib))
     return [f for f in findings if f.name.startswith(name)]
 
 
@@ -540,3 +569,169 @@ def test_doctor_task_json_and_exit_code(env: Env, capsys: pytest.CaptureFixture[
     assert doc["ok"] is False
     failed = {f["name"] for f in doc["findings"] if f["verdict"] == "fail"}
     assert "docker daemon" in failed
+
+
+# -- rootless engines (kind provider.go info(), create.go validateProvider, rootless.md) -----------
+
+ROOTLESS = ["name=seccomp,profile=builtin", "name=rootless", "name=cgroupns"]
+DELEGATED = {"CgroupVersion": "2", "CgroupDriver": "systemd", "MemoryLimit": True,
+             "PidsLimit": True, "CPUShares": True}
+
+
+def test_rootful_engine_is_ok(env: Env) -> None:
+    env.info(SecurityOptions=["name=apparmor", "name=seccomp,profile=builtin"], **DELEGATED)
+    assert one(env, "rootless").verdict == "ok"
+
+
+def test_rootless_engine_with_delegation_warns_about_bpf(env: Env) -> None:
+    env.info(SecurityOptions=ROOTLESS, **DELEGATED)
+    f = one(env, "rootless")
+    assert f.verdict == "warn" and "BPF" in f.found and "rootful Docker" in f.fix
+
+
+def test_rootless_engine_without_delegation_fails_with_the_systemd_fix(env: Env) -> None:
+    env.info(SecurityOptions=ROOTLESS, **{**DELEGATED, "PidsLimit": False})
+    f = one(env, "rootless")
+    assert f.verdict == "fail" and "not delegated" in f.found
+    assert "/etc/systemd/system/user@.service.d/delegate.conf" in f.fix and "Delegate=yes" in f.fix
+
+
+def test_rootless_engine_on_cgroup_v1_fails(env: Env) -> None:
+    env.info(SecurityOptions=ROOTLESS, **{**DELEGATED, "CgroupVersion": "1"})
+    f = one(env, "rootless")
+    assert f.verdict == "fail" and "cgroup v2" in f.found
+    assert "systemd.unified_cgroup_hierarchy=1" in f.fix
+
+
+def test_rootless_engine_cannot_publish_privileged_host_ports(env: Env) -> None:
+    env.info(SecurityOptions=ROOTLESS, **DELEGATED)
+    env.sysfile("proc/sys/net/ipv4/ip_unprivileged_port_start", "1024\n")
+    cfg = make_cfg(env.root, ports=[(80, 443)])
+    f = one(env, "rootless", cfg)
+    assert f.verdict == "fail" and "80, 443" in f.found
+    assert "net.ipv4.ip_unprivileged_port_start=80" in f.fix
+
+
+def test_rootless_podman_is_recognised(env: Env) -> None:
+    env.info(host={"security": {"rootless": True}}, **DELEGATED)
+    assert one(env, "rootless").verdict == "warn"
+
+
+# -- socket-LB on kind (cilium v1.18.4 Documentation/installation/kind.rst) ------------------------
+
+CGROUPS_V1_NET = ("#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpuset\t0\t1\t1\n"
+                  "net_cls\t4\t1\t1\nnet_prio\t4\t1\t1\nmemory\t0\t90\t1\n")
+CGROUPS_V2_ONLY = ("#subsys_name\thierarchy\tnum_cgroups\tenabled\ncpuset\t0\t1\t1\n"
+                   "net_cls\t0\t1\t1\nnet_prio\t0\t1\t1\nmemory\t0\t90\t1\n")
+
+
+def test_socket_lb_ok_on_a_new_kernel(env: Env) -> None:
+    env.info(KernelVersion="5.14.0-427.el9.x86_64")
+    env.sysfile("proc/cgroups", CGROUPS_V1_NET)  # irrelevant from 5.14 on
+    assert one(env, "socket-LB").verdict == "ok"
+
+
+def test_socket_lb_fails_on_an_old_kernel_with_net_cls_mounted(env: Env) -> None:
+    env.info(KernelVersion="5.10.0-32-amd64")
+    env.sysfile("proc/cgroups", CGROUPS_V1_NET)
+    f = one(env, "socket-LB")
+    assert f.verdict == "fail" and "net_cls/net_prio" in f.found
+    assert "cgroup_no_v1=net_cls,net_prio" in f.fix and "5.14" in f.fix
+
+
+def test_socket_lb_ok_on_an_old_kernel_without_v1_net_controllers(env: Env) -> None:
+    env.info(KernelVersion="5.10.0-32-amd64")
+    env.sysfile("proc/cgroups", CGROUPS_V2_ONLY)
+    assert one(env, "socket-LB").verdict == "ok"
+
+
+def test_socket_lb_warns_when_the_kernel_is_unknown(env: Env) -> None:
+    env.info(KernelVersion="")
+    env.sysfile("proc/sys/kernel/osrelease", "unknown\n")
+    assert one(env, "socket-LB").verdict == "warn"
+
+
+# -- free disk (kind disables the kubelet's disk eviction) -----------------------------------------
+
+@pytest.mark.parametrize(("free", "verdict"), [(50, "ok"), (3, "warn"), (1, "fail")])
+def test_free_disk(env: Env, free: float, verdict: str) -> None:
+    env.info(DockerRootDir="/var/lib/docker")
+    f = one(env, "free disk", free_gib=free)
+    assert f.verdict == verdict, f
+    if verdict != "ok":
+        assert "docker system prune" in f.fix and "image pull failures" in f.fix
+
+
+# -- host routes over the lab's ranges -------------------------------------------------------------
+
+def test_routes_ok_with_only_docker_and_lan_routes(env: Env) -> None:
+    f = one(env, "host routes")
+    assert f.verdict == "ok", f
+
+
+def test_vpn_route_over_the_pool_fails(env: Env) -> None:
+    env.routes(("eth0", "0.0.0.0/0"), ("br-4d7f2a1b9c3e", "172.18.0.0/16"),
+               ("tun0", "172.18.255.0/24"))
+    f = one(env, "host routes")
+    assert f.verdict == "fail" and "172.18.255.0/24 via tun0" in f.found
+    assert "lbPool" in f.fix
+
+
+def test_vpn_route_over_the_pod_cidr_warns(env: Env) -> None:
+    env.routes(("eth0", "0.0.0.0/0"), ("wg0", "10.0.0.0/8"))
+    f = one(env, "host routes")
+    assert f.verdict == "warn" and "podCIDR 10.244.0.0/16 overlaps 10.0.0.0/8 via wg0" in f.found
+    assert "serviceCIDR 10.96.0.0/16 overlaps 10.0.0.0/8 via wg0" in f.found
+
+
+def test_routes_warn_when_unreadable(env: Env) -> None:
+    env.sysfile("proc/net/route", None)
+    assert one(env, "host routes").verdict == "warn"
+
+
+# -- firewalld / SELinux (known-issues.md "Fedora") and Cilium on the host -------------------------
+
+def test_firewalld_nftables_backend_warns_only_when_enabled(env: Env) -> None:
+    env.sysfile("etc/firewalld/firewalld.conf", "DefaultZone=public\nFirewallBackend=nftables\n")
+    assert one(env, "firewalld").verdict == "ok"  # installed, not enabled
+    env.sysfile("etc/systemd/system/multi-user.target.wants/firewalld.service", "[Unit]\n")
+    f = one(env, "firewalld")
+    assert f.verdict == "warn" and "FirewallBackend=iptables" in f.fix
+    env.sysfile("etc/firewalld/firewalld.conf", "FirewallBackend=iptables\n")
+    assert one(env, "firewalld").verdict == "ok"
+
+
+def test_selinux_enforcing_on_fedora_33_warns(env: Env) -> None:
+    env.sysfile("sys/fs/selinux/enforce", "1")
+    env.sysfile("etc/os-release", 'NAME="Fedora Linux"\nID=fedora\nVERSION_ID=33\n')
+    f = one(env, "selinux")
+    assert f.verdict == "warn" and "setenforce 0" in f.fix
+    env.sysfile("etc/os-release", 'NAME="Fedora Linux"\nID=fedora\nVERSION_ID=40\n')
+    assert one(env, "selinux").verdict == "ok"
+
+
+def test_cilium_agent_on_the_host_warns_but_not_one_in_a_kind_node(env: Env) -> None:
+    env.sysfile("proc/4242/comm", "cilium-agent\n")
+    env.sysfile("proc/4242/cgroup", "0::/system.slice/docker-0123abcd.scope/kubelet.slice/"
+                "kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/cri-containerd-9f.scope\n")
+    assert one(env, "cilium on the host").verdict == "ok"
+    env.sysfile("proc/777/comm", "cilium-agent\n")
+    env.sysfile("proc/777/cgroup", "0::/system.slice/cilium.service\n")
+    f = one(env, "cilium on the host")
+    assert f.verdict == "warn" and "pid 777" in f.found and "bpftool cgroup tree" in f.fix
+
+
+# -- Docker before any download (lab.up's order) ---------------------------------------------------
+
+def test_host_checks_without_tools_name_the_docker_daemon(env: Env) -> None:
+    env.docker_down()
+    for tool in ("kind", "helm", "cilium"):
+        env.tool(tool, None)  # nothing downloaded yet
+    cfg = make_cfg(env.root)
+    names = [f.name for f in run_checks(cfg, bootstrap.lab_tools(cfg, get_logger("test")),
+                                        proc_root=env.proc, include_tools=False)]
+    assert not [n for n in names if n.startswith("tool ")]
+    with pytest.raises(LabError) as err:
+        preflight(cfg, bootstrap.lab_tools(cfg, get_logger("test")), get_logger("test"),
+                  proc_root=env.proc, include_tools=False)
+    assert "docker daemon" in err.value.message and "tool " not in err.value.message

@@ -23,6 +23,7 @@ from lab.bootstrap import (
     ensure_tools,
     lab_tools,
     pinned_versions,
+    tools_dir,
 )
 from lab.cli import CONFIG_HELP, LOG_HELP
 from lab.cli import guard as _guard
@@ -70,7 +71,8 @@ def doctor(c: Context, config: str | None = None, json_: bool = False,
 })
 def tools(c: Context, config: str | None = None, no_download: bool = False,
           envtest: bool = False, log_format: str | None = None) -> None:
-    """Install the pinned kind, helm and Cilium CLI (SHA-256 verified) into <stateDir>/bin."""
+    """Install the pinned kind, helm and Cilium CLI (SHA-256 verified) into the tools directory
+    shared by every lab ($LAB_TOOLS_DIR, else ~/.cache/kind-cilium-lab/bin)."""
     if envtest:  # for the test suite: needs no lab config
         logs.configure(log_format)
         _envtest(allow=not no_download and not downloads_forbidden_by_env())
@@ -95,7 +97,7 @@ def tools(c: Context, config: str | None = None, no_download: bool = False,
             status = "ok" if have == pinned[name] else "wrong version"
         rows.append((TITLES[name], pinned[name], have or "-", path or "-", status))
     _print_tools(rows)
-    bin_dir = cfg.state_dir / "bin"
+    bin_dir = lab.bin_dir or tools_dir()
     if any(r[3].startswith(str(bin_dir)) for r in rows):
         print(f"the lab uses {bin_dir} first; to use them in your shell: "
               f'export PATH="{bin_dir}:$PATH"')
