@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lab.bootstrap import tools_dir
 from lab.config import LabConfig
 from lab.errors import LabError
 from lab.hubble import ObserveFilter, observe_command, parse_flows, ready_pod
@@ -78,7 +79,8 @@ def collect_diagnostics(cfg: LabConfig, out: Path, kubeconfig: str | None = None
             save(f"records/{rec.name}", rec.read_text())
     for c in cfg.clusters:
         base = c.name
-        kind = shutil.which("kind") or str(cfg.state_dir / "bin" / "kind")
+        pinned = tools_dir() / "kind"  # the lab's own verified kind first, as the lab uses it
+        kind = str(pinned) if pinned.is_file() else shutil.which("kind") or "kind"
         proc = _run([kind, "export", "logs", str(out / base / "kind-logs"), "--name", c.name])
         save(f"{base}/kind-export-logs.txt", proc)
         kube = KubeClient(c.kube_context, kubeconfig)
