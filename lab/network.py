@@ -1,4 +1,4 @@
-"""LoadBalancer pool slices inside the kind Docker network.
+"""LoadBalancer pool slices inside the kind Docker network; who holds a NodePort.
 
 Docker hands container addresses out from the bottom of the network, so the pools are carved from
 the top: cluster i gets the i-th slice counting down from the last address. On the usual
@@ -8,9 +8,10 @@ the top: cluster i gets the i-th slice counting down from the last address. On t
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from lab.config import ClusterConfig
+from lab.config import NODEPORT_RANGE, ClusterConfig
 from lab.errors import LabError
 
 IPv4Net = ipaddress.IPv4Network
@@ -84,3 +85,51 @@ def derive_pools(clusters: Sequence[ClusterConfig], subnets: Sequence[str],
                     " two clusters on one Docker network would announce the same addresses",
                     "give each cluster its own lbPool, or remove lbPool to derive slices")
     return pools
+
+
+# -- NodePorts -------------------------------------------------------------------------------------
+
+def static_band(first: int = NODEPORT_RANGE[0], last: int = NODEPORT_RANGE[1]) -> range:
+    """The lower band of a NodePort range that random allocation avoids until the upper band is
+    full (KEP-3668, stable in 1.29; kubernetes pkg/registry/core/service/portallocator/allocator.go
+    ``calculateRangeOffset``: min(max(16, size/32), 128) ports). 30000-30085 by default."""
+    size = last - first + 1
+    offset = 0 if size <= 16 else min(max(16, size // 32), 128)
+    return range(first, first + offset)
+
+
+def node_port_holders(services: Iterable[dict[str, Any]], ports: Iterable[int],
+                      own: tuple[str, str]) -> dict[int, str]:
+    """For each of ``ports``, the other Service holding it: ``namespace/name (port NAME)``.
+
+    ``own`` (namespace, name) is the Service that wants the ports; its own ports never count.
+    """
+    wanted = set(ports)
+    holders: dict[int, str] = {}
+    for svc in services:
+        meta = svc.get("metadata") or {}
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        if key == own:
+            continue
+        for p in (svc.get("spec") or {}).get("ports") or []:
+            node_port = p.get("nodePort")
+            if node_port in wanted and node_port not in holders:
+                label = f" (port {p['name']})" if p.get("name") else ""
+                holders[node_port] = f"{key[0]}/{key[1]}{label}"
+    return holders
+
+
+def node_port_conflict(holders: dict[int, str], fields: dict[int, str]) -> str:
+    """What to tell the user when ``holders`` (see `node_port_holders`) keep the gateway from
+    its NodePorts; ``fields`` names the config field of each port."""
+    band = static_band()
+    parts = []
+    for port, holder in sorted(holders.items()):
+        ns, _, rest = holder.partition("/")
+        name = rest.split(" ", 1)[0]
+        parts.append(
+            f"NodePort {port} is held by Service {holder}: give that Service another nodePort "
+            f"(`kubectl -n {ns} edit service {name}`) or delete it, or set {fields[port]} to a "
+            f"free port in {band.start}-{band.stop - 1} (the static band, where Kubernetes never "
+            "assigns random NodePorts while the rest of the range has room)")
+    return "; ".join(parts)
