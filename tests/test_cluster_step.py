@@ -6,6 +6,7 @@ kubeconfig lock taken only for the final export, `node(s) already exist`) and fr
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -18,7 +19,12 @@ import pytest
 import yaml
 
 from lab.errors import LabError
-from lab.steps.cluster import CREATE_STARTED, ClusterStep, cluster_kubeconfig
+from lab.steps.cluster import (
+    CREATE_STARTED,
+    ClusterStep,
+    cluster_kubeconfig,
+    kind_kubeconfig_write,
+)
 from tests.conftest import FAKE_BIN, ready_node, step_context
 from tests.fakes.fakelib import read_calls, read_intervals, read_state, write_state
 from tests.support.emulator import KubeEmulator
@@ -32,6 +38,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     state.mkdir()
     monkeypatch.setenv("PATH", f"{FAKE_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     monkeypatch.setenv("LAB_FAKE_STATE", str(state))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "user-kubeconfig"))  # never the real one
     return state
 
 
@@ -53,6 +60,11 @@ def raw_config(**cluster: Any) -> dict[str, Any]:
 def kind_calls(fake: Path, sub: str | None = None) -> list[dict[str, Any]]:
     return [c for c in read_calls(str(fake))
             if c["tool"] == "kind" and (sub is None or c["argv"][0] == sub)]
+
+
+def runs(items: list[str]) -> list[str]:
+    """Consecutive repeats collapsed (a delete also clears the user's kubeconfig: two calls)."""
+    return [k for k, _ in itertools.groupby(items)]
 
 
 def own_context(tmp_path: Path, raw: dict[str, Any], fake: Path, emu: KubeEmulator) -> Any:
@@ -121,8 +133,8 @@ def test_own_half_created_cluster_whose_api_never_came_up_is_replaced(
     half_create(fake, ctx, monkeypatch)
     write_state(str(fake), "apiservers.json", {"lab": "http://127.0.0.1:9"})  # nothing answers
     ClusterStep().apply(ctx)
-    subs = [c["argv"][:2] for c in kind_calls(fake) if c["argv"][0] in ("create", "delete")]
-    assert subs == [["create", "cluster"], ["delete", "cluster"], ["create", "cluster"]]
+    subs = [c["argv"][0] for c in kind_calls(fake) if c["argv"][0] in ("create", "delete")]
+    assert runs(subs) == ["create", "delete", "create"]
     assert ctx.facts.get("created") is True and CREATE_STARTED not in ctx.facts
 
 
@@ -147,7 +159,7 @@ def test_create_killed_before_workers_joined_is_half_created_not_a_mismatch(
     emu.put(ready_node("lab-control-plane"))  # the control plane answers; the worker never joined
     ClusterStep().apply(ctx)
     subs = [c["argv"][0] for c in kind_calls(fake) if c["argv"][0] in ("create", "delete")]
-    assert subs == ["create", "delete", "create"]
+    assert runs(subs) == ["create", "delete", "create"]
 
 
 def test_a_foreign_cluster_missing_a_worker_is_refused(
@@ -255,6 +267,21 @@ def test_parallel_creates_overlap_and_never_share_a_kubeconfig(
         for ctx in contexts:
             kc = yaml.safe_load(Path(ctx.kubeconfig).read_text())
             assert [c["name"] for c in kc["contexts"]] == [ctx.cluster.kube_context]
+        # kubectl still finds both: the user's kubeconfig got each context, one write at a time.
+        user = yaml.safe_load(Path(os.environ["KUBECONFIG"]).read_text())
+        assert sorted(c["name"] for c in user["contexts"]) == ["kind-east", "kind-west"]
     finally:
         for e in emus:
             e.stop()
+
+
+def test_down_clears_the_users_context_and_the_clusters_own_kubeconfig(
+        tmp_path: Path, fake: Path, emu: KubeEmulator) -> None:
+    ctx = own_context(tmp_path, raw_config(), fake, emu)
+    ClusterStep().apply(ctx)
+    user = Path(os.environ["KUBECONFIG"])
+    assert [c["name"] for c in yaml.safe_load(user.read_text())["contexts"]] == ["kind-lab"]
+    kind_kubeconfig_write(ctx, ["delete", "cluster", "--name", "lab"], "deleting")
+    assert yaml.safe_load(user.read_text())["contexts"] == []
+    assert not Path(ctx.kubeconfig).exists()
+    assert (read_state(str(fake), "kind.json", {}) or {}).get("clusters") == {}

@@ -54,8 +54,16 @@ def cluster_kubeconfig(state_dir: Path, cluster: str) -> Path:
     return state_dir / "kubeconfig" / f"{cluster}.yaml"
 
 
-def _kind(ctx: StepContext, args: list[str], doing: str, timeout: float = 120) -> Result:
-    if ctx.kubeconfig and args[0] in ("create", "delete", "export"):  # they take --kubeconfig
+def uses_own_kubeconfig(ctx: StepContext) -> bool:
+    return bool(ctx.kubeconfig) and \
+        Path(str(ctx.kubeconfig)) == cluster_kubeconfig(ctx.lab.state_dir, ctx.cluster.name)
+
+
+def _kind(ctx: StepContext, args: list[str], doing: str, timeout: float = 120,
+          user_kubeconfig: bool = False) -> Result:
+    """Run kind; create/delete/export write the context's kubeconfig (``user_kubeconfig``: the
+    user's own, i.e. kind's default: $KUBECONFIG or ~/.kube/config)."""
+    if ctx.kubeconfig and not user_kubeconfig and args[0] in ("create", "delete", "export"):
         args = [*args, "--kubeconfig", ctx.kubeconfig]
     return ctx.tools.run("kind", args, check=False, timeout=timeout, doing=doing,
                          env=kind_env(ctx))
@@ -72,14 +80,36 @@ def kind_kubeconfig_write(ctx: StepContext, args: list[str], doing: str,
 
     Another process (a user's kubectl, another lab) may hold kind's lock file briefly.
     """
+    _retry_lock(ctx, args, doing, timeout)
+    if args[0] == "delete" and uses_own_kubeconfig(ctx):
+        # The nodes are gone: kind now only drops the context from the user's kubeconfig.
+        _retry_lock(ctx, args, f"{doing} (the user's kubeconfig)", timeout, user=True)
+        Path(str(ctx.kubeconfig)).unlink(missing_ok=True)
+
+
+def _retry_lock(ctx: StepContext, args: list[str], doing: str, timeout: float,
+                user: bool = False) -> None:
     for attempt in range(4):
         with _KUBECONFIG_LOCK:
-            res = _kind(ctx, args, doing, timeout)
+            res = _kind(ctx, args, doing, timeout, user_kubeconfig=user)
         if res.returncode == 0:
             return
         if LOCK_ERROR not in res.stderr or attempt == 3:
             raise _failed(res, doing)
         time.sleep(0.5 * (attempt + 1))
+
+
+def export_for_user(ctx: StepContext) -> None:
+    """With its own kubeconfig the lab still puts the context where kubectl looks. Best effort:
+    the lab itself works from its own file."""
+    if not uses_own_kubeconfig(ctx):
+        return
+    try:
+        _retry_lock(ctx, ["export", "kubeconfig", "--name", ctx.cluster.name],
+                    "adding the context to your kubeconfig", 120, user=True)
+    except ToolError as exc:
+        ctx.log.warning("cluster.user_kubeconfig_not_written", error=exc.message,
+                        fix=f"`kind export kubeconfig --name {ctx.cluster.name}`")
 
 
 def kind_config(ctx: StepContext) -> dict[str, Any]:
@@ -137,6 +167,7 @@ class ClusterStep:
         cfg_path = ctx.write_file(KIND_CONFIG_FILE, rendered.files[KIND_CONFIG_FILE])
         if self._exists(ctx) and self._adopt(ctx):
             self._created(ctx)
+            export_for_user(ctx)
             return
         ctx.log.info("cluster.create", config=str(cfg_path), **kind_env(ctx))
         # Saved before kind starts: a create killed half-way is recognised as this lab's own.
@@ -161,6 +192,7 @@ class ClusterStep:
                 raise _failed(res, doing)
         self._created(ctx)
         ctx.reset_kube()
+        export_for_user(ctx)
 
     def _created(self, ctx: StepContext) -> None:
         if ctx.facts.pop(CREATE_STARTED, None) is not None:
