@@ -285,3 +285,15 @@ def test_down_clears_the_users_context_and_the_clusters_own_kubeconfig(
     assert yaml.safe_load(user.read_text())["contexts"] == []
     assert not Path(ctx.kubeconfig).exists()
     assert (read_state(str(fake), "kind.json", {}) or {}).get("clusters") == {}
+
+
+def test_a_create_kind_cleaned_up_itself_leaves_no_creation_fact(
+        tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.errors import ToolError
+
+    ctx = own_context(tmp_path, raw_config(), fake, emu)
+    monkeypatch.setenv("LAB_FAKE_FAIL", "kind:create")  # kubeadm init fails; kind deletes nodes
+    with pytest.raises(ToolError):
+        ClusterStep().apply(ctx)
+    assert CREATE_STARTED not in ctx.facts
+    assert CREATE_STARTED not in ctx.store.load("lab").facts

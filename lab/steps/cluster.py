@@ -189,10 +189,22 @@ class ClusterStep:
                 if res.returncode != 0:
                     raise _failed(res, doing)
             else:
+                self._forget_if_gone(ctx)
                 raise _failed(res, doing)
         self._created(ctx)
         ctx.reset_kube()
         export_for_user(ctx)
+
+    def _forget_if_gone(self, ctx: StepContext) -> None:
+        """kind removes the nodes of a create that failed: nothing half-created is left, so a
+        cluster of this name seen later is not this lab's."""
+        try:
+            gone = not self._exists(ctx)
+        except ToolError:
+            return
+        if gone:
+            ctx.facts.pop(CREATE_STARTED, None)
+            ctx.store.save(ctx.record)
 
     def _created(self, ctx: StepContext) -> None:
         if ctx.facts.pop(CREATE_STARTED, None) is not None:
