@@ -34,7 +34,7 @@ def _ctx(tmp_path: Path, config: str = "config/lab.yaml", cluster: int = 0,
     c = cfg.clusters[cluster]
     log = get_logger("test")
     return StepContext(cfg, c, StateStore(cfg.state_dir), Record(cluster=c.name),
-                       Tools(cfg.state_dir / "bin", log), log,
+                       Tools(None, log), log,
                        Timeouts(cni=2, poll_start=0.05, poll_max=0.2),
                        str(kubeconfig) if kubeconfig else None)
 

@@ -613,6 +613,31 @@ def test_address_outside_the_pool_and_class_not_accepted_are_named(
     assert "outside 172.18.255.0/24" in bad["Gateway address from the LB pool"]
 
 
+def test_a_nodeport_held_by_another_service_is_named_with_the_fix(
+        gw_ctx: StepContext, emu: KubeEmulator, cluster: FakeCluster,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API server refuses the patch (422, port already allocated); the gate names the
+    Service holding the port and the config field to change."""
+    from lab.kube import Invalid
+
+    step = GatewayStep()
+    assert gw_ctx.wait_for(lambda: step.ready(gw_ctx), 3, "gate").ready
+    emu.put({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+             "spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80,
+                                                     "nodePort": 30080}]}})
+    cluster.drift = True
+    cluster.reconcile()
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise Invalid("spec.ports[0].nodePort: Invalid value: 30080: provided port is already "
+                      "allocated")
+
+    monkeypatch.setattr(gw_ctx.kube, "patch", refuse)
+    detail = failing(step.ready(gw_ctx))["gateway Service nodePorts as configured"]
+    assert "NodePort 30080 is held by Service shop/web (port http)" in detail
+    assert "clusters[0].gateway.httpNodePort" in detail and "30000-30085" in detail
+
+
 def test_nodeports_drifted_after_a_reconcile_are_repatched(gw_ctx: StepContext,
                                                            emu: KubeEmulator,
                                                            cluster: FakeCluster) -> None:

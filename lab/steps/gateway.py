@@ -28,7 +28,7 @@ import json
 
 from lab.errors import LabError
 from lab.kube import FIELD_MANAGER, Invalid, KubeError, condition
-from lab.network import PoolError, derive_pools
+from lab.network import PoolError, derive_pools, node_port_conflict, node_port_holders
 from lab.steps.base import Obj, Rendered, StepContext, Verdict
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
@@ -295,13 +295,27 @@ def ensure_node_ports(ctx: StepContext, wanted: dict[str, int],
             ctx.log.info("gateway.nodeports_patched", wanted=wanted)
             return False, "; ".join(problems) + " — re-patched"
         except Invalid as exc:
-            return False, "; ".join(problems) + f" — patch refused: {exc.message} (if another " \
-                "Service holds that NodePort, pick other gateway NodePorts in the config)"
+            return False, "; ".join(problems) + f" — patch refused: {exc.message}" + \
+                _held_by(ctx, wanted)
         except KubeError as exc:
             return False, "; ".join(problems) + f" — patch failed: {exc.message}"
     if problems:
         return False, "; ".join(problems)
     return True, ", ".join(f"{n}→{p}" for n, p in wanted.items())
+
+
+def _held_by(ctx: StepContext, wanted: dict[str, int]) -> str:
+    """Which other Service holds the wanted NodePorts, and the fix (empty: none found)."""
+    try:
+        services = ctx.kube.list("v1", "Service")
+    except KubeError:
+        return ""
+    holders = node_port_holders(services, wanted.values(), (GATEWAY_NAMESPACE, GATEWAY_SERVICE))
+    i = ctx.lab.clusters.index(ctx.cluster)
+    fields = {port: f"clusters[{i}].gateway."
+                    f"{'httpNodePort' if name == HTTP_PORT_NAME else 'httpsNodePort'}"
+              for name, port in wanted.items()}
+    return f" — {node_port_conflict(holders, fields)}" if holders else ""
 
 
 # -- the step --------------------------------------------------------------------------------------

@@ -8,13 +8,14 @@ import signal
 import subprocess
 import time
 
+from lab.bootstrap import tools_dir
 from tests.e2e.conftest import E2ELab
 
 
 def _helm_revisions(e2e_lab: E2ELab) -> dict[str, int]:
     out = {}
     for c in e2e_lab.cfg.clusters:
-        helm = e2e_lab.cfg.state_dir / "bin" / "helm"
+        helm = tools_dir() / "helm"
         cmd = [str(helm) if helm.exists() else "helm", "list", "-A", "-o", "json",
                "--kube-context", c.kube_context]
         for rel in json.loads(subprocess.run(cmd, capture_output=True, text=True,

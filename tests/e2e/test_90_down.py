@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 
+from lab.bootstrap import tools_dir
 from tests.e2e.conftest import E2ELab
 
 
 def test_down_removes_clusters_containers_and_records(e2e_lab: E2ELab) -> None:
     e2e_lab.invoke("lab.down")
     names = {c.name for c in e2e_lab.cfg.clusters}
-    bundled = e2e_lab.cfg.state_dir / "bin" / "kind"
+    bundled = tools_dir() / "kind"
     kind = subprocess.run([str(bundled) if bundled.exists() else "kind", "get", "clusters"],
                           capture_output=True, text=True, check=False)
     assert not names & set(kind.stdout.split())
