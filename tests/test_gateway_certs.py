@@ -622,7 +622,8 @@ def test_a_nodeport_held_by_another_service_is_named_with_the_fix(
 
     step = GatewayStep()
     assert gw_ctx.wait_for(lambda: step.ready(gw_ctx), 3, "gate").ready
-    emu.put({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"},
+    emu.put({"apiVersion": "v1", "kind": "Service",
+             "metadata": {"name": "web", "namespace": "shop"},
              "spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80,
                                                      "nodePort": 30080}]}})
     cluster.drift = True
