@@ -21,7 +21,9 @@ from lab.cli import setup as _setup
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(no_color="NO_COLOR" in os.environ or not sys.stdout.isatty())
+    tty = sys.stdout.isatty()
+    # piped (CI logs, files): wide enough that a row stays on one line
+    return Console(no_color="NO_COLOR" in os.environ or not tty, width=None if tty else 220)
 
 
 @task(help={
