@@ -259,19 +259,25 @@ def build(flows: Iterable[dict[str, Any]], problems: Iterable[str] = ()) -> Serv
 # -- layout ----------------------------------------------------------------------------------------
 
 NODE_W, NODE_H = 2.3, 0.42  # inches
-COLUMN_GAP, ROW_GAP, GROUP_PAD, GROUP_TITLE, MARGIN = 1.5, 0.22, 0.18, 0.3, 0.45
+COLUMN_GAP, ROW_GAP, GROUP_PAD, GROUP_TITLE, MARGIN = 1.6, 0.22, 0.18, 0.3, 0.45
+CALLER = "@caller"  # suffix of the place of a reserved identity drawn on the callers' side
 
 
 @dataclass
 class Layout:
-    positions: dict[str, tuple[float, float]]  # node key → centre (inches, y up)
+    """Where each node is drawn. A reserved identity that both calls and is called in a cycle
+    (the world as the Gateway's clients and as the internet an app is kept from) gets two
+    places, ``<key>@caller`` on the callers' side and ``<key>`` on the callees' side, so the
+    picture reads left to right."""
+
+    positions: dict[str, tuple[float, float]]  # place → centre (inches, y up)
     groups: dict[str, tuple[float, float, float, float]]  # group → (x, y, width, height)
+    split: set[str]  # node keys drawn twice
     width: float
     height: float
 
-
-def _group_of(node: Node) -> str:
-    return node.group or node.key  # a reserved identity stands alone
+    def source(self, key: str) -> str:
+        return key + CALLER if key in self.split else key
 
 
 def _callers_first(graph: Any) -> list[str]:
@@ -296,78 +302,131 @@ def _callers_first(graph: Any) -> list[str]:
     return head + tail
 
 
-def layout(m: ServiceMap) -> Layout:
-    """Groups in layers by networkx (longest path from the callers, feedback edges set aside),
-    ordered in each layer by where their callers are; a group's nodes stacked inside it."""
+def _group_graph(m: ServiceMap, split: set[str]) -> tuple[Any, dict[str, list[str]]]:
+    """Groups (a namespace, or one place of a reserved identity) and who calls whom."""
     import networkx as nx
 
+    def group(place: str) -> str:
+        node = m.nodes[place.removesuffix(CALLER)]
+        return node.group or place
+
     graph = nx.DiGraph()
-    members: dict[str, list[Node]] = defaultdict(list)
-    for node in sorted(m.nodes.values()):
-        members[_group_of(node)].append(node)
-        graph.add_node(_group_of(node))
+    members: dict[str, list[str]] = defaultdict(list)
+    for key in sorted(m.nodes):
+        places = [key + CALLER, key] if key in split else [key]
+        for place in places:
+            members[group(place)].append(place)
+            graph.add_node(group(place))
     for edge in m.edges:
-        a, b = _group_of(m.nodes[edge.source]), _group_of(m.nodes[edge.destination])
+        a = group(edge.source + CALLER if edge.source in split else edge.source)
+        b = group(edge.destination)
         if a != b:
             graph.add_edge(a, b)
-    # Layers from the longest path over the edges that agree with a caller-first order; the
-    # others (a callee calling back, e.g. the kube-apiserver calling a webhook) are drawn
-    # backwards instead of pulling both ends into one layer.
+    return graph, members
+
+
+def _split_reserved(m: ServiceMap) -> set[str]:
+    """Reserved identities to draw twice, busiest first, until no cycle runs through one."""
+    import networkx as nx
+
+    split: set[str] = set()
+    while True:
+        graph, _ = _group_graph(m, split)
+        cyclic = {g for c in nx.strongly_connected_components(graph) if len(c) > 1 for g in c}
+        candidates = [k for k in sorted(m.nodes) if k in cyclic and m.nodes[k].reserved]
+        if not candidates:
+            return split
+        split.add(max(candidates, key=lambda k: (graph.in_degree(k) * graph.out_degree(k),
+                                                 _outside(m.nodes[k].name))))
+
+
+def _outside(name: str) -> int:
+    """On a tie, split what lies outside the cluster first; the Gateway's Envoy (a proxy in
+    the middle of its flows) last."""
+    order = ("ingress", "health", "kube-apiserver", "host", "remote-node", "world")
+    return max((order.index(n) for n in name.split("+") if n in order), default=-1)
+
+
+def layout(m: ServiceMap) -> Layout:
+    """Groups in layers by networkx: longest path from the callers over the edges that agree
+    with a callers-first order (the rest are drawn backwards), callees that call nobody in the
+    last layer; in each layer ordered by where their neighbours are; nodes stacked in groups."""
+    import networkx as nx
+
+    split = _split_reserved(m)
+    graph, members = _group_graph(m, split)
     rank = {g: i for i, g in enumerate(_callers_first(graph))}
     forward = nx.DiGraph()
     forward.add_nodes_from(graph)
     forward.add_edges_from((a, b) for a, b in graph.edges if rank[a] < rank[b])
-    layer_of: dict[str, int] = {}
-    for i, generation in enumerate(nx.topological_generations(forward)):
-        for group in generation:
-            layer_of[group] = i
+    layer_of = {g: i for i, gen in enumerate(nx.topological_generations(forward)) for g in gen}
+    last = max(layer_of.values(), default=0)
+    for g in layer_of:
+        if graph.out_degree(g) == 0 and graph.in_degree(g) > 0:
+            layer_of[g] = last
     layers: dict[int, list[str]] = defaultdict(list)
-    for group in sorted(layer_of):
-        layers[layer_of[group]].append(group)
+    for g in sorted(layer_of):
+        layers[layer_of[g]].append(g)
 
+    def height_of(g: str) -> float:
+        h = len(members[g]) * (NODE_H + ROW_GAP) - ROW_GAP
+        return h + (2 * GROUP_PAD + GROUP_TITLE if _boxed(m, g) else 0)
+
+    def stack(order: dict[int, list[str]]) -> dict[str, float]:
+        """Centre y of each group, top-down, each column centred on the tallest."""
+        totals = {i: sum(height_of(g) for g in gs) + 2 * ROW_GAP * (len(gs) - 1)
+                  for i, gs in order.items()}
+        tallest = max(totals.values(), default=0.0)
+        out: dict[str, float] = {}
+        for i, gs in order.items():
+            y = (tallest - totals[i]) / 2
+            for g in gs:
+                out[g] = y + height_of(g) / 2
+                y += height_of(g) + 2 * ROW_GAP
+        return out
+
+    # a few barycentre sweeps (left to right, then back) to untangle the edges
+    order = {i: list(gs) for i, gs in sorted(layers.items())}
+    undirected = graph.to_undirected()
+    for sweep in range(4):
+        ys = stack(order)
+        columns = sorted(order) if sweep % 2 == 0 else sorted(order, reverse=True)
+        for i in columns:
+            keys = {g: _barycentre(g, [ys[n] for n in undirected.neighbors(g)
+                                       if layer_of[n] != i], ys) for g in order[i]}
+            order[i] = sorted(order[i], key=keys.__getitem__)
+            ys = stack(order)
+
+    centres = stack(order)
+    inner_h = max((centres[gs[-1]] + height_of(gs[-1]) / 2 for gs in order.values()),
+                  default=NODE_H)
+    height = inner_h + 2 * MARGIN + 0.5  # room for the title
+    width = len(order) * (NODE_W + 2 * GROUP_PAD) + (len(order) - 1) * COLUMN_GAP + 2 * MARGIN
     positions: dict[str, tuple[float, float]] = {}
     boxes: dict[str, tuple[float, float, float, float]] = {}
-    heights: list[float] = []
-    columns: list[list[tuple[str, float]]] = []
-    for i in sorted(layers):
-        def caller_rank(group: str) -> tuple[float, str]:
-            ys = [positions[n.key][1] for p in graph.predecessors(group)
-                  for n in members[p] if n.key in positions]
-            return (-sum(ys) / len(ys) if ys else math.inf, group)
-
-        column: list[tuple[str, float]] = []
-        for group in sorted(layers[i], key=caller_rank):
-            boxed = not members[group][0].reserved
-            h = len(members[group]) * (NODE_H + ROW_GAP) - ROW_GAP
-            column.append((group, h + (2 * GROUP_PAD + GROUP_TITLE if boxed else 0)))
-        columns.append(column)
-        heights.append(sum(h for _, h in column) + ROW_GAP * 2 * (len(column) - 1))
-        # provisional y (top-down) so the next layer can order by its callers
-        y = 0.0
-        for group, h in column:
-            top = y
-            for j, node in enumerate(members[group]):
-                offset = GROUP_TITLE + GROUP_PAD if not node.reserved else 0
-                positions[node.key] = (0, -(top + offset + j * (NODE_H + ROW_GAP) + NODE_H / 2))
-            y += h + 2 * ROW_GAP
-    inner_h = max(heights, default=NODE_H)
-    height = inner_h + 2 * MARGIN + 0.5  # room for the title
-    width = len(columns) * (NODE_W + 2 * GROUP_PAD) + (len(columns) - 1) * COLUMN_GAP \
-        + 2 * MARGIN
-    for i, column in enumerate(columns):
-        x_left = MARGIN + i * (NODE_W + 2 * GROUP_PAD + COLUMN_GAP)
-        y = MARGIN + (inner_h - heights[i]) / 2  # centred vertically, from the top
-        for group, h in column:
-            top = y
-            boxed = not members[group][0].reserved
+    for column, i in enumerate(sorted(order)):
+        x_left = MARGIN + column * (NODE_W + 2 * GROUP_PAD + COLUMN_GAP)
+        for g in order[i]:
+            top = MARGIN + 0.5 + centres[g] - height_of(g) / 2
+            boxed = _boxed(m, g)
             if boxed:
-                boxes[group] = (x_left, height - 0.5 - top - h, NODE_W + 2 * GROUP_PAD, h)
-            for j, node in enumerate(members[group]):
-                offset = GROUP_TITLE + GROUP_PAD if boxed else 0
-                cy = top + offset + j * (NODE_H + ROW_GAP) + NODE_H / 2
-                positions[node.key] = (x_left + GROUP_PAD + NODE_W / 2, height - 0.5 - cy)
-            y += h + 2 * ROW_GAP
-    return Layout(positions, boxes, width, height)
+                boxes[g] = (x_left, height - top - height_of(g), NODE_W + 2 * GROUP_PAD,
+                            height_of(g))
+            for j, place in enumerate(members[g]):
+                cy = top + (GROUP_TITLE + GROUP_PAD if boxed else 0) + \
+                    j * (NODE_H + ROW_GAP) + NODE_H / 2
+                positions[place] = (x_left + GROUP_PAD + NODE_W / 2, height - cy)
+    return Layout(positions, boxes, split, width, height)
+
+
+def _barycentre(group: str, neighbours: list[float], ys: dict[str, float]) -> tuple[float, str]:
+    return (sum(neighbours) / len(neighbours) if neighbours else ys[group], group)
+
+
+def _boxed(m: ServiceMap, group: str) -> bool:
+    """A namespace gets a box; a reserved identity stands alone."""
+    node = m.nodes.get(group.removesuffix(CALLER))
+    return node is None or not node.reserved
 
 
 # -- drawing ---------------------------------------------------------------------------------------
@@ -410,20 +469,22 @@ def to_svg(m: ServiceMap, out: Path, title: str = "service map") -> Path:
             ax.text(x + 0.1, y + h - 0.08, _short(group, 34), fontsize=8, color="#424242",
                     va="top", ha="left", fontweight="bold", zorder=1)
         patches: dict[str, FancyBboxPatch] = {}
-        for key, node in sorted(m.nodes.items()):
-            cx, cy = lay.positions[key]
+        for place in sorted(lay.positions):
+            key = place.removesuffix(CALLER)
+            node = m.nodes[key]
+            cx, cy = lay.positions[place]
             patch = FancyBboxPatch(
                 (cx - NODE_W / 2, cy - NODE_H / 2), NODE_W, NODE_H,
                 boxstyle="round,pad=0,rounding_size=0.2" if node.reserved
                 else "round,pad=0,rounding_size=0.05",
                 facecolor="#fff3e0" if node.reserved else "#e3f2fd",
                 edgecolor="#ef6c00" if node.reserved else "#1565c0", linewidth=1.0, zorder=2)
-            patch.set_gid(f"node:{key}")
+            patch.set_gid(f"node:{place}")
             ax.add_patch(patch)
-            patches[key] = patch
+            patches[place] = patch
             ax.text(cx, cy, _short(node.name), fontsize=8.5, ha="center", va="center",
-                    zorder=3).set_gid(f"node-label:{key}")
-        siblings: dict[tuple[str, str], int] = defaultdict(int)
+                    zorder=3).set_gid(f"node-label:{place}")
+        siblings: dict[tuple[str, str], int] = defaultdict(int)  # parallel edges fan out
         for edge, count in m.edges.items():
             pair = (edge.source, edge.destination)
             k = siblings[pair]
@@ -445,16 +506,17 @@ def to_svg(m: ServiceMap, out: Path, title: str = "service map") -> Path:
 
 def _draw_edge(ax: Any, edge: Edge, count: int, k: int, lay: Layout,
                patches: dict[str, Any], arrow_cls: Any) -> None:
-    (x1, y1), (x2, y2) = lay.positions[edge.source], lay.positions[edge.destination]
+    source = lay.source(edge.source)
+    (x1, y1), (x2, y2) = lay.positions[source], lay.positions[edge.destination]
     color = _color(edge.verdict)
-    if edge.source == edge.destination:  # a workload talking to itself: a loop on its right
+    if source == edge.destination:  # a workload talking to itself: a loop on its right
         x1, y1 = x1 + NODE_W / 2, y1 + NODE_H / 4
         x2, y2 = x2 + NODE_W / 2, y2 - NODE_H / 4
         rad = -1.8 - 0.4 * k
         patch_a = patch_b = None
     else:
         rad = 0.08 + 0.14 * k
-        patch_a, patch_b = patches[edge.source], patches[edge.destination]
+        patch_a, patch_b = patches[source], patches[edge.destination]
     arrow = arrow_cls((x1, y1), (x2, y2), arrowstyle="-|>", mutation_scale=10,
                       connectionstyle=f"arc3,rad={rad}", color=color, linewidth=_width(count),
                       linestyle="--" if edge.verdict == "DROPPED" else "-",
