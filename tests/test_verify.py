@@ -323,3 +323,31 @@ def test_task_table(task_env: tuple[str, Scripted], capsys: pytest.CaptureFixtur
     svg = (tmp_path / "v.svg").read_text()
     assert 'id="edge:lab-probe-c/app-c-&gt;lab-probe-b/app-b:8080/TCP:DROPPED"' in svg
     assert (tmp_path / "v.md").read_text().startswith("### lab.verify")
+
+
+def test_in_a_mesh_the_global_service_is_a_row_and_mesh_flows_are_listed(
+        emu: KubeEmulator, tmp_path: Path) -> None:
+    load_upstream_crds(emu, "cert-manager-1.19.0/crds")
+    _namespace(emu, "echo")
+    ctx = make_ctx(tmp_path, emu, clusters=[{"name": "east"}, {"name": "west"}])
+    ctx.facts["dockerSubnets"] = ["172.18.0.0/16"]
+    fake = Scripted(emu, [p["metadata"]["name"] for p in locked_policies(ctx)])
+    LockedStep(exec_fn=fake.exec).apply(ctx)
+    fake.seed()
+    ctx.record.state = "meshed"
+    answered = Check("global service answered from the other clusters", True,
+                     "answered by echo-west-7c9f5d6b48-tnq2w")
+    meshed = Gate("meshed")
+    meshed.ready = lambda c: Verdict("meshed", [answered])  # type: ignore[method-assign]
+    gates = {**steps(fake), "meshed": meshed}
+    got = rows(lab_verify.run([ctx], MATRIX, steps=gates, probes=probes(fake)))
+    row = got["mesh-probe → echo-global (every other cluster):8080/TCP"]
+    assert (row["cluster"], row["origin"], row["observed"], row["ok"]) == (
+        "east", "mesh", "allowed", True)
+    mesh_only = {str(f) for f in MATRIX.flows if f.when == "mesh"}
+    assert mesh_only and mesh_only <= set(got)  # listed (proven offline: no trial)
+    answered.ok, answered.detail = False, "no answer from west (seen: nothing)"
+    got = rows(lab_verify.run([ctx], MATRIX, steps=gates, probes=probes(fake)))
+    row = got["mesh-probe → echo-global (every other cluster):8080/TCP"]
+    assert (row["observed"], row["ok"]) == ("denied", False)
+    assert row["detail"] == "no answer from west (seen: nothing)"
