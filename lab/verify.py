@@ -407,8 +407,8 @@ def trial_flows(report: Report, actors: Mapping[str, Actor]) -> list[dict[str, A
     reported when it saw the attempt, else the observed outcome."""
     out: list[dict[str, Any]] = []
     for r in report.flows:
-        if r.observed not in ("allowed", "denied"):
-            continue
+        if r.observed not in ("allowed", "denied") or r.origin == "mesh":
+            continue  # the global-service row spans clusters: not one edge of this map
         h = r.hubble or {}
         verdict = h.get("verdict") or ("FORWARDED" if r.observed == "allowed" else "DROPPED")
         flow: dict[str, Any] = {
