@@ -35,12 +35,13 @@ def _tasks() -> list[str]:
 def test_task_list_is_complete() -> None:
     assert set(_tasks()) == {"lab.up", "lab.mesh", "lab.down", "lab.status", "lab.render",
                              "lab.doctor", "lab.tools", "lab.hubble", "lab.trust",
-                             "lab.onboard"}
+                             "lab.onboard", "lab.verify", "lab.map"}
 
 
 @pytest.mark.parametrize("task", sorted({"lab.up", "lab.mesh", "lab.down", "lab.status",
                                          "lab.render", "lab.doctor", "lab.tools", "lab.hubble",
-                                         "lab.trust", "lab.onboard"}))
+                                         "lab.trust", "lab.onboard", "lab.verify",
+                                         "lab.map"}))
 def test_every_option_has_help(task: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "invoke", "--help", task], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=True)
@@ -70,11 +71,11 @@ def test_invoke_list_does_not_import_the_kubernetes_client() -> None:
 
 def test_task_modules_are_named_for_what_their_tasks_do() -> None:
     """lab/tasks/<module>.py holds exactly the tasks a user reaches for that kind of work."""
-    from lab.tasks import access, apps, lifecycle, tools
+    from lab.tasks import access, apps, checks, lifecycle, tools
 
     layout = {mod.__name__.rsplit(".", 1)[-1]: sorted(t.name for t in tasks) for mod, tasks in (
         (lifecycle, lifecycle.LIFECYCLE_TASKS), (tools, tools.TOOL_TASKS),
-        (access, access.ACCESS_TASKS), (apps, apps.APP_TASKS))}
+        (access, access.ACCESS_TASKS), (apps, apps.APP_TASKS), (checks, checks.CHECK_TASKS))}
     assert layout == {"lifecycle": ["down", "mesh", "render", "status", "up"],
                       "tools": ["doctor", "tools"], "access": ["hubble", "trust"],
-                      "apps": ["onboard"]}
+                      "apps": ["onboard"], "checks": ["map", "verify"]}
