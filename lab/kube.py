@@ -11,7 +11,8 @@ from __future__ import annotations
 import builtins
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -20,6 +21,16 @@ from lab.errors import LabError
 
 FIELD_MANAGER = "kind-cilium-lab"
 Obj = dict[str, Any]
+
+# Transient failures are retried with doubling delays for up to RETRY_BUDGET seconds per call:
+# long enough to ride out an API server restart, short enough that a gate's own deadline rules.
+RETRY_BUDGET = 30.0
+RETRY_FIRST_DELAY = 0.25
+RETRY_MAX_DELAY = 5.0
+TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
+_REPEATABLE_METHODS = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+MAX_RELISTS = 3  # a watch that expires again right after each re-list gives up
+_REPEATABLE_PATCHES = frozenset({"application/apply-patch+yaml", "application/merge-patch+json"})
 
 
 class KubeError(LabError):
@@ -32,6 +43,10 @@ class KubeError(LabError):
         super().__init__(message, hint)
         self.status = status
         self.reason = reason
+        # Set where the failure is worth another attempt (see KubeClient.request).
+        self.retry_after: float | None = None
+        self.unsent = False  # the request never reached the server: safe to send again
+        self.transient = False
 
 
 class NotFound(KubeError):
@@ -108,10 +123,11 @@ class KubeClient:
     """Generic access to one cluster, by kubeconfig context."""
 
     def __init__(self, context: str, kubeconfig: str | None = None,
-                 request_timeout: float = 15.0) -> None:
+                 request_timeout: float = 15.0, retry_budget: float = RETRY_BUDGET) -> None:
         self.context = context
         self.kubeconfig = kubeconfig
         self.request_timeout = request_timeout
+        self.retry_budget = retry_budget
         self._api: Any = None
         self._resources: dict[tuple[str, str], Resource] = {}
         self._discovered: set[str] = set()
@@ -122,18 +138,39 @@ class KubeClient:
     @property
     def api(self) -> Any:
         if self._api is None:
-            from kubernetes import config as kconfig  # lazy: see module docstring
-            from kubernetes.config.config_exception import ConfigException
-            try:
-                self._api = kconfig.new_client_from_config(  # type: ignore[no-untyped-call]
-                    config_file=self.kubeconfig, context=self.context, persist_config=False)
-            except (ConfigException, OSError) as exc:
-                raise Unreachable(
-                    f"no usable kubeconfig context {self.context!r} ({exc})",
-                    f"export it with `kind export kubeconfig --name "
-                    f"{self.context.removeprefix('kind-')}` or run `invoke lab.up`",
-                ) from exc
+            self._api = self._new_api_client()
         return self._api
+
+    def _new_api_client(self) -> Any:
+        from kubernetes import client as kclient
+        from kubernetes import config as kconfig  # lazy: see module docstring
+        from kubernetes.config.config_exception import ConfigException
+
+        configuration = kclient.Configuration()
+        try:
+            kconfig.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=self.kubeconfig, context=self.context,
+                client_configuration=configuration, persist_config=False)
+        except (ConfigException, OSError) as exc:
+            raise Unreachable(
+                f"no usable kubeconfig context {self.context!r} ({exc})",
+                f"export it with `kind export kubeconfig --name "
+                f"{self.context.removeprefix('kind-')}` or run `invoke lab.up`",
+            ) from exc
+        # The retry policy is request()'s alone: urllib3's own retries would sleep out any
+        # Retry-After unbounded and hide the attempts from the budget.
+        configuration.retries = False
+        return kclient.ApiClient(configuration)
+
+    def stream_client(self) -> Any:
+        """A fresh ApiClient for one websocket stream (exec, port-forward).
+
+        ``kubernetes.stream`` swaps ``call_api`` on the client it is given while the websocket
+        connects, so a REST call made meanwhile on a shared client would go down the websocket
+        path. The caller closes it."""
+        from kubernetes import client as kclient
+
+        return kclient.ApiClient(self.api.configuration)
 
     def close(self) -> None:
         if self._api is not None:
@@ -142,9 +179,38 @@ class KubeClient:
 
     def request(self, method: str, path: str, *, query: list[tuple[str, Any]] | None = None,
                 body: Any = None, content_type: str = "application/json",
-                doing: str = "", stream: bool = False, timeout: float | None = None) -> Any:
-        """One HTTP call. Returns parsed JSON (or the raw response when ``stream``)."""
+                doing: str = "", stream: bool = False, timeout: float | None = None,
+                retry: bool = True) -> Any:
+        """One API call, retried while the failure is transient and the budget lasts.
+
+        Returns parsed JSON (or the raw response when ``stream``). Any request is sent again when
+        it never reached the server (connection refused while the API server restarts) or was
+        refused with 429 (after its Retry-After); a request that may have been applied already
+        (5xx, a read timeout, a body cut short) is sent again only when repeating it converges
+        to the same result: reads, deletes, puts, server-side apply and merge patches."""
+        doing = doing or f"{method} {path}"
+        repeatable = method in _REPEATABLE_METHODS or (
+            method == "PATCH" and content_type in _REPEATABLE_PATCHES)
+        deadline = time.monotonic() + (self.retry_budget if retry else 0.0)
+        delay = RETRY_FIRST_DELAY
+        while True:
+            try:
+                return self._request_once(method, path, query, body, content_type, doing,
+                                          stream, timeout)
+            except KubeError as exc:
+                if not exc.transient or not (repeatable or exc.unsent):
+                    raise
+                wait = exc.retry_after if exc.retry_after is not None else delay
+                if time.monotonic() + wait > deadline:
+                    raise
+                time.sleep(wait)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    def _request_once(self, method: str, path: str, query: list[tuple[str, Any]] | None,
+                      body: Any, content_type: str, doing: str, stream: bool,
+                      timeout: float | None) -> Any:
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import ConnectTimeoutError, MaxRetryError
         from urllib3.exceptions import HTTPError as Urllib3Error
 
         api = self.api
@@ -156,26 +222,39 @@ class KubeClient:
         req = api.param_serialize(method, path, query_params=query or [], header_params=headers,
                                   body=payload, auth_settings=["BearerToken"])
         read_timeout = timeout if timeout is not None else self.request_timeout
-        doing = doing or f"{method} {path}"
         try:
             resp = api.call_api(*req, _request_timeout=(5.0, read_timeout))
         except ApiException as exc:
             raise _map_api_exception(exc, doing) from exc
         except (Urllib3Error, OSError) as exc:
-            raise Unreachable(
-                f"{doing}: the API server of context {self.context!r} did not answer ({exc})",
-                "check that the cluster's containers run (`docker ps`), or run "
-                "`invoke lab.up --resume` to let the lab re-detect and repair it") from exc
-        if not 200 <= resp.status <= 299:
-            resp.read()
-            try:
-                ApiException.from_response(http_resp=resp, body=None, data=None)  # raises
-            except ApiException as exc:
-                raise _map_api_exception(exc, doing) from exc
-        if stream:
-            return resp.response
-        raw = resp.read()
-        return json.loads(raw) if raw else {}
+            cause = exc.reason if isinstance(exc, MaxRetryError) else exc
+            raise self._unreachable(doing, exc, unsent=isinstance(
+                cause, (ConnectTimeoutError, ConnectionRefusedError))) from exc
+        try:
+            if not 200 <= resp.status <= 299:
+                resp.read()
+                try:
+                    ApiException.from_response(http_resp=resp, body=None, data=None)  # raises
+                except ApiException as exc:
+                    error = _map_api_exception(exc, doing)
+                    error.transient = resp.status in TRANSIENT_STATUS
+                    error.retry_after = _retry_after(resp.getheader("Retry-After"))
+                    error.unsent = resp.status == 429  # refused before it was processed
+                    raise error from exc
+            if stream:
+                return resp.response
+            raw = resp.read()
+            return json.loads(raw) if raw else {}
+        except (Urllib3Error, OSError, ValueError) as exc:  # the body broke off or is not JSON
+            raise self._unreachable(doing, exc, unsent=False) from exc
+
+    def _unreachable(self, doing: str, exc: BaseException, unsent: bool) -> Unreachable:
+        error = Unreachable(
+            f"{doing}: the API server of context {self.context!r} did not answer ({exc})",
+            "check that the cluster's containers run (`docker ps`), or run "
+            "`invoke lab.up --resume` to let the lab re-detect and repair it")
+        error.transient, error.unsent = True, unsent
+        return error
 
     # -- discovery --------------------------------------------------------------------------------
 
@@ -296,29 +375,50 @@ class KubeClient:
               label_selector: str | None = None, field_selector: str | None = None,
               timeout_seconds: int = 30, resource_version: str | None = None,
               ) -> Iterator[tuple[str, Obj]]:
-        """Yields (event type, object) until the server closes the stream."""
+        """Yields (event type, object) until the server closes the stream.
+
+        A resource version the server no longer has (410 Gone, as an answer or as an ERROR
+        event) is not an error: the objects are listed again, each yielded as ``ADDED`` (treat
+        ADDED as "upsert"), and the watch goes on from the list's resource version, as
+        client-go's reflector does."""
         res = self.resource(api_version, kind)
-        query: list[tuple[str, Any]] = [("watch", "true"), ("timeoutSeconds", timeout_seconds)]
+        selectors: list[tuple[str, Any]] = []
         if label_selector:
-            query.append(("labelSelector", label_selector))
+            selectors.append(("labelSelector", label_selector))
         if field_selector:
-            query.append(("fieldSelector", field_selector))
-        if resource_version:
-            query.append(("resourceVersion", resource_version))
-        resp = self.request("GET", res.path(namespace), query=query, stream=True,
-                            timeout=timeout_seconds + 5,
-                            doing=f"watching {kind} in {namespace or 'all namespaces'}")
-        buf = b""
-        try:
-            for chunk in resp.stream(4096, decode_content=False):
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.strip():
-                        event = json.loads(line)
-                        yield event["type"], event["object"]
-        finally:
-            resp.release_conn()
+            selectors.append(("fieldSelector", field_selector))
+        where = namespace or "all namespaces"
+        deadline = time.monotonic() + timeout_seconds
+        version = resource_version
+        for _ in range(MAX_RELISTS + 1):
+            remaining = max(1, round(deadline - time.monotonic()))
+            query = [("watch", "true"), ("timeoutSeconds", remaining), *selectors]
+            if version:
+                query.append(("resourceVersion", version))
+            try:
+                resp = self.request("GET", res.path(namespace), query=query, stream=True,
+                                    timeout=remaining + 5, doing=f"watching {kind} in {where}")
+            except KubeError as exc:
+                if exc.status != 410:
+                    raise
+                resp = None
+            if resp is not None:
+                expired = False
+                for type_, obj in _watch_events(resp, f"watching {kind} in {where}"):
+                    if type_ == "ERROR" and obj.get("code") == 410:
+                        expired = True
+                        break
+                    version = obj.get("metadata", {}).get("resourceVersion") or version
+                    yield type_, obj
+                if not expired:
+                    return
+            listed = self.request("GET", res.path(namespace), query=selectors,
+                                  doing=f"listing {kind} in {where} again (the watch expired)")
+            for obj in listed.get("items", []):
+                yield "ADDED", obj
+            version = listed.get("metadata", {}).get("resourceVersion")
+        raise Unavailable(f"watching {kind} in {where}: the watch kept expiring",
+                          "the API server's watch cache is under pressure; retry shortly")
 
 
 @dataclass(frozen=True)
@@ -328,9 +428,10 @@ class ExecResult:
     stderr: str
 
 
-def _open_exec(client: KubeClient, namespace: str, pod: str, command: list[str],
+def _open_exec(api: Any, namespace: str, pod: str, command: list[str],
                container: str | None) -> Any:
-    """The exec subresource's websocket (stdout and stderr, no stdin, no TTY)."""
+    """The exec subresource's websocket (stdout and stderr, no stdin, no TTY) on ``api``, an
+    ApiClient of the stream's own (see KubeClient.stream_client)."""
     from kubernetes.client import CoreV1Api
     from kubernetes.stream import stream
 
@@ -338,49 +439,125 @@ def _open_exec(client: KubeClient, namespace: str, pod: str, command: list[str],
                               "stdin": False, "tty": False, "_preload_content": False}
     if container:
         kwargs["container"] = container
-    return stream(CoreV1Api(client.api).connect_get_namespaced_pod_exec, pod, namespace,
-                  **kwargs)
+    return stream(CoreV1Api(api).connect_get_namespaced_pod_exec, pod, namespace, **kwargs)
+
+
+def _within(deadline: float, open_: Callable[[], Any]) -> Any:
+    """``open_()`` (a websocket handshake, which has no timeout of its own), or None when the
+    deadline passes first; a handshake that completes later is closed by its thread."""
+    box: dict[str, Any] = {}
+    done, abandoned = threading.Event(), threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = open_()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+        finally:
+            done.set()
+            if abandoned.is_set() and "value" in box:
+                box["value"].close(timeout=0)
+
+    threading.Thread(target=run, name="exec-handshake", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        abandoned.set()
+        if done.is_set() and "value" in box:  # finished between the wait and the flag
+            box["value"].close(timeout=0)
+        return None
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
           container: str | None, timeout: float) -> ExecResult:
+    """Run to completion or until ``timeout``: every wait below is bounded by one deadline."""
     from kubernetes.client.exceptions import ApiException
 
     doing = f"running {command[0]} in {namespace}/{pod}"
+    late = Unreachable(
+        f"{doing}: no answer within {timeout:g}s (the stream stayed silent)",
+        "the pod, its node or the API server is overloaded or the stream stalled; the gate "
+        "asks again on its next poll — if it persists, look at the pod (`kubectl -n "
+        f"{namespace} describe pod {pod}`)")
+    deadline = time.monotonic() + timeout
+    api = client.stream_client()
+    resp: Any = None
     try:
-        resp = _open_exec(client, namespace, pod, command, container)
-        resp.run_forever(timeout=timeout)
-        out, err = resp.read_stdout() or "", resp.read_stderr() or ""
-        rc = resp.returncode
-        resp.close()
+        resp = _within(deadline, lambda: _open_exec(api, namespace, pod, command, container))
+        if resp is None:
+            raise late
+        while resp.is_open():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise late
+            # A frame that starts but never finishes must not block past the deadline either.
+            resp.sock.settimeout(remaining)
+            resp.update(timeout=remaining)
+        out, err = resp.read_stdout(timeout=0) or "", resp.read_stderr(timeout=0) or ""
+        status = resp.read_channel(ERROR_CHANNEL, timeout=0) or ""
+    except KubeError:
+        raise
     except ApiException as exc:
         raise _map_api_exception(exc, doing) from exc
     except Exception as exc:  # websocket errors carry no common base class
+        if time.monotonic() >= deadline:
+            raise late from exc
         raise Unreachable(f"{doing}: {exc}", "is the pod running?") from exc
-    return ExecResult(rc if rc is not None else -1, out, err)
+    finally:
+        if resp is not None:
+            resp.close(timeout=0)  # no waiting for the server's close reply past the deadline
+        api.close()
+    return ExecResult(_exit_code(status, doing), out, err)
+
+
+ERROR_CHANNEL = 3  # the exec protocol's status channel (v4.channel.k8s.io)
+
+
+def _exit_code(status_text: str, doing: str) -> int:
+    """The exit code from the exec's final Status (apimachinery remotecommand: Success, or a
+    Failure whose cause of type ``ExitCode`` carries the code)."""
+    if not status_text.strip():
+        raise Unreachable(f"{doing}: the stream closed without an exit status",
+                          "the API server or kubelet dropped the stream; retry")
+    try:
+        status = json.loads(status_text)
+    except ValueError as exc:
+        raise Unreachable(f"{doing}: unreadable exit status {status_text[:100]!r}") from exc
+    if status.get("status") == "Success":
+        return 0
+    for cause in (status.get("details") or {}).get("causes") or []:
+        if cause.get("reason") == "ExitCode":
+            return int(cause.get("message", -1))
+    raise KubeError(f"{doing}: {status.get('message') or status.get('reason') or status_text}",
+                    "is the container running, and does it have that command?")
 
 
 def _exec_stream(client: KubeClient, namespace: str, pod: str, command: list[str],
                  container: str | None) -> Iterator[str]:
     from kubernetes.client.exceptions import ApiException
 
+    api = client.stream_client()
     try:
-        resp = _open_exec(client, namespace, pod, command, container)
-    except ApiException as exc:
-        raise _map_api_exception(exc, f"running {command[0]} in {namespace}/{pod}") from exc
-    try:
-        while resp.is_open():
-            try:
-                resp.update(timeout=1)
-            except Exception as exc:  # websocket errors carry no common base class
-                raise Unreachable(f"the stream from {namespace}/{pod} broke: {exc}",
-                                  "is the cluster still running? retry the command") from exc
-            if resp.peek_stdout():
-                yield resp.read_stdout()
-            if resp.peek_stderr():
-                yield resp.read_stderr()
+        try:
+            resp = _open_exec(api, namespace, pod, command, container)
+        except ApiException as exc:
+            raise _map_api_exception(exc, f"running {command[0]} in {namespace}/{pod}") from exc
+        try:
+            while resp.is_open():
+                try:
+                    resp.update(timeout=1)
+                except Exception as exc:  # websocket errors carry no common base class
+                    raise Unreachable(f"the stream from {namespace}/{pod} broke: {exc}",
+                                      "is the cluster still running? retry the command") from exc
+                if resp.peek_stdout():
+                    yield resp.read_stdout(timeout=0)
+                if resp.peek_stderr():
+                    yield resp.read_stderr(timeout=0)
+        finally:
+            resp.close(timeout=0)
     finally:
-        resp.close()
+        api.close()
 
 
 def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int,
@@ -393,7 +570,8 @@ def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int
     from kubernetes.stream import portforward
 
     def relay(conn: socket.socket) -> None:
-        pf = portforward(CoreV1Api(client.api).connect_get_namespaced_pod_portforward,
+        api = client.stream_client()
+        pf = portforward(CoreV1Api(api).connect_get_namespaced_pod_portforward,
                          pod, namespace, ports=str(remote_port))
         remote = pf.socket(remote_port)
         remote.setblocking(True)
@@ -413,6 +591,7 @@ def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int
         finally:
             conn.close()
             remote.close()
+            api.close()
 
     try:
         server = socket.create_server((address, local_port))
@@ -427,6 +606,34 @@ def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int
             except TimeoutError:
                 continue
             threading.Thread(target=relay, args=(conn,), daemon=True).start()
+
+
+def _watch_events(resp: Any, doing: str) -> Iterator[tuple[str, Obj]]:
+    """The (type, object) events of one watch response, one JSON document per line."""
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    buf = b""
+    try:
+        for chunk in resp.stream(4096, decode_content=False):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    event = json.loads(line)
+                    yield event["type"], event["object"]
+    except (Urllib3Error, OSError, ValueError) as exc:
+        raise Unreachable(f"{doing}: the stream broke off ({exc})",
+                          "is the cluster still running? retry the command") from exc
+    finally:
+        resp.release_conn()
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the API server sends whole seconds); None when absent or a date."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
 
 
 def _ref(namespace: str | None, name: str) -> str:
