@@ -72,5 +72,13 @@ class GateTimeout(LabError):
     """A readiness gate did not hold before its deadline."""
 
 
+class GateFailed(LabError):
+    """A readiness gate can no longer hold: a condition it waits for cannot clear by waiting."""
+
+
+class Interrupted(LabError):
+    """The user interrupted the run (Ctrl-C); the record says `interrupted`, not `failed`."""
+
+
 class StepFailed(LabError):
     """A step failed; wraps the cause with what was being done."""

@@ -14,9 +14,9 @@ from typing import Any
 from transitions import Machine
 
 from lab import logs
-from lab.errors import LabError, StepFailed
+from lab.errors import Interrupted, LabError, StepFailed
 from lab.state import STATES, Transition, now_iso
-from lab.steps.base import Step, StepContext, Verdict
+from lab.steps.base import CANCELLED, Step, StepContext, Verdict
 from lab.ui import Progress
 
 
@@ -63,8 +63,11 @@ class ClusterPipeline:
         try:
             self.run_step(name)
         except BaseException as exc:
-            self._close(outcome="failed" if isinstance(exc, Exception) else "interrupted",
-                        error=str(exc))
+            # A Ctrl-C reaches the main thread only; the other clusters' threads see CANCELLED
+            # (their gate waits raise Interrupted, a tool killed by the same SIGINT fails).
+            interrupted = (isinstance(exc, Interrupted) or not isinstance(exc, Exception)
+                           or CANCELLED.is_set())
+            self._close(outcome="interrupted" if interrupted else "failed", error=str(exc))
             self.ctx.store.save(self.ctx.record)
             raise
 

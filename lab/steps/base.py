@@ -13,10 +13,11 @@ from typing import Any, Protocol
 import yaml
 
 from lab.config import ClusterConfig, LabConfig
-from lab.errors import GateTimeout, LabError
+from lab.errors import GateFailed, GateTimeout, Interrupted
 from lab.kube import KubeClient, KubeError
 from lab.logs import Logger
 from lab.state import Record, StateStore
+from lab.steps import pods as podlib
 from lab.tools import Tools
 
 Obj = dict[str, Any]
@@ -27,14 +28,20 @@ CANCELLED = threading.Event()
 
 @dataclass
 class Check:
-    """One condition of a readiness gate."""
+    """One condition of a readiness gate. ``terminal``: it cannot clear by waiting (``fix`` says
+    what to do), so the gate ends at once."""
 
     name: str
     ok: bool
     detail: str = ""
+    terminal: bool = False
+    fix: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
+        out: dict[str, Any] = {"name": self.name, "ok": self.ok, "detail": self.detail}
+        if self.terminal:
+            out.update(terminal=True, fix=self.fix)
+        return out
 
 
 @dataclass
@@ -104,6 +111,8 @@ class Timeouts:
     meshed: float = 600
     poll_start: float = 0.5
     poll_max: float = 10.0
+    image_pull: float = 180  # an image pull failing this long is taken as final
+    report_every: float = 30  # how often a waiting gate shows its failing checks
 
     @classmethod
     def from_env(cls) -> Timeouts:
@@ -135,6 +144,7 @@ class StepContext:
         self.kubeconfig = kubeconfig
         self.dry_run = dry_run
         self._kube: KubeClient | None = None
+        self.first_seen = podlib.FirstSeen()  # how long each pod problem has lasted
 
     @property
     def kube(self) -> KubeClient:
@@ -166,8 +176,13 @@ class StepContext:
         return self.record.facts
 
     def wait_for(self, gate: Callable[[], Verdict], timeout: float, doing: str) -> Verdict:
-        """Poll a gate with exponential back-off until it holds or the deadline passes."""
-        deadline = time.monotonic() + timeout
+        """Poll a gate with exponential back-off until it holds or the deadline passes.
+
+        A failing check marked terminal ends the wait at once; every ``report_every`` seconds the
+        failing checks are logged at info level, so the live view says what is awaited."""
+        started = time.monotonic()
+        deadline = started + timeout
+        reported = started
         delay = self.timeouts.poll_start
         last: Verdict | None = None
         while True:
@@ -177,17 +192,53 @@ class StepContext:
                 last = Verdict(doing, [Check("api", False, exc.message)])
             if last.ready:
                 return last
-            remaining = deadline - time.monotonic()
+            hopeless = [c for c in last.failing if c.terminal]
+            if hopeless:
+                raise GateFailed(
+                    f"{doing} cannot hold — " + "; ".join(
+                        f"{c.name}: {c.detail}" for c in hopeless),
+                    hopeless[0].fix or "fix the cause named above, then run "
+                    "`invoke lab.up --resume`")
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 raise GateTimeout(
                     f"{doing} did not hold within {timeout:.0f}s — {last.explain()}",
                     "look at the failing conditions above (`invoke lab.status` shows them too); "
                     "when they clear, run `invoke lab.up --resume`")
-            self.log.debug("gate.waiting", gate=last.gate, failing=[c.name for c in last.failing])
+            if now - reported >= self.timeouts.report_every:
+                reported = now
+                self.log.info("gate.waiting", gate=last.gate, waited=f"{now - started:.0f}s",
+                              failing=[f"{c.name}: {c.detail}" if c.detail else c.name
+                                       for c in last.failing])
+            else:
+                self.log.debug("gate.waiting", gate=last.gate,
+                               failing=[c.name for c in last.failing])
             if CANCELLED.wait(min(delay, remaining)):
-                raise LabError(f"interrupted while waiting for {doing}",
-                               "run `invoke lab.up --resume` to continue")
+                raise Interrupted(f"interrupted while waiting for {doing}",
+                                  "run `invoke lab.up --resume` to continue")
             delay = min(delay * 1.6, self.timeouts.poll_max)
+
+    def pods_check(self, name: str, pods: list[Obj], nodes: list[Obj]) -> Check:
+        """Every pod runs or is on its way; otherwise each blocking pod with the kubelet's or the
+        scheduler's reason. Failed/Unknown leftovers of earlier attempts never block."""
+        pressure = podlib.node_pressure(nodes)
+        problems: list[podlib.PodProblem] = []
+        seen_keys: set[str] = set()
+        leftovers = []
+        for pod in pods:
+            if podlib.is_leftover(pod):
+                leftovers.append(pod["metadata"]["name"])
+            elif podlib.blocks(pod):
+                problems.extend(podlib.diagnose(pod, pressure, self.first_seen,
+                                                self.timeouts.image_pull, seen_keys))
+        self.first_seen.keep_only(seen_keys)
+        terminal = [p for p in problems if p.terminal]
+        detail = "; ".join(p.detail for p in problems)
+        if leftovers and not problems:
+            detail = f"ignoring leftover pods of earlier attempts: {', '.join(leftovers)}"
+        return Check(name, not problems, detail, terminal=bool(terminal),
+                     fix=terminal[0].fix if terminal else "")
 
 
 class Step(Protocol):

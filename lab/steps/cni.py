@@ -199,9 +199,7 @@ class CniStep:
         v.add("nodes Ready", bool(nodes) and not not_ready,
               f"not Ready: {', '.join(not_ready)}" if not_ready else f"{len(nodes)} Ready")
         pods = k.list("v1", "Pod", "kube-system")
-        stuck = [f"{p['metadata']['name']} ({p.get('status', {}).get('phase')})" for p in pods
-                 if p.get("status", {}).get("phase") in ("Pending", "Failed", "Unknown")]
-        v.add("no Pending or failed pods in kube-system", not stuck, ", ".join(stuck))
+        v.checks.append(ctx.pods_check("no Pending or failed pods in kube-system", pods, nodes))
         agents = [p for p in pods if p["metadata"].get("labels", {}).get("k8s-app") == "cilium"]
         unhealthy = [p["metadata"]["name"] for p in agents if not condition_true(p, "Ready")]
         # The agent's readiness probe is its own /healthz, which answers OK only while
@@ -235,11 +233,20 @@ class CniStep:
                                 container="cilium-agent", timeout=20)
         except KubeError as exc:
             return Check("hubble relay serves every node", False, exc.message)
-        connected = _relay_connected_nodes(res.stdout)
-        ok = res.returncode == 0 and connected is not None and connected >= node_count
-        return Check("hubble relay serves every node", ok,
-                     f"{connected}/{node_count} nodes connected" if connected is not None
-                     else (res.stderr or res.stdout).strip()[:200])
+        status = _relay_status(res.stdout)
+        if res.returncode != 0 or status is None:
+            return Check("hubble relay serves every node", False,
+                         (res.stderr or res.stdout).strip()[:200] or f"exit {res.returncode}")
+        connected, unavailable, names = status
+        # After meshing the relay also connects to every remote cluster's nodes (the peer service
+        # announces all nodes it knows), so the count only has to cover the local nodes.
+        ok = connected >= node_count and unavailable == 0
+        detail = f"{min(connected, node_count)}/{node_count} local nodes connected"
+        if connected > node_count:
+            detail += f" ({connected} in the mesh)"
+        if unavailable:
+            detail += f"; {unavailable} unavailable" + (f": {', '.join(names)}" if names else "")
+        return Check("hubble relay serves every node", ok, detail)
 
     def probe(self, ctx: StepContext) -> Verdict:
         v = Verdict("cni")
@@ -274,15 +281,31 @@ def _daemonset_ready(ds: dict[str, Any] | None) -> tuple[bool, str]:
     return ok, f"{ready}/{desired} ready, {updated} updated, {available} available"
 
 
-def _relay_connected_nodes(text: str) -> int | None:
-    """`hubble status -o json` prints the relay's ServerStatusResponse."""
+def _relay_status(text: str) -> tuple[int, int, list[str]] | None:
+    """(connected, unavailable, unavailable names) from `hubble status -o json`: protojson of
+    observer.ServerStatusResponse with proto field names (cilium v1.18.4
+    api/v1/observer/observer.pb.json.go); the UInt32Value wrappers print as plain numbers."""
     import json
 
     try:
         data = json.loads(text)
     except ValueError:
         return None
-    value = data.get("num_connected_nodes", data.get("numConnectedNodes"))
-    if isinstance(value, dict):  # protobuf wrapper `{"value": N}`
-        value = value.get("value")
-    return int(value) if value is not None else None
+    if not isinstance(data, dict):
+        return None
+
+    def number(*keys: str) -> int | None:
+        for key in keys:
+            value = data.get(key)
+            if isinstance(value, dict):  # a wrapper printed as a message: {"value": N}
+                value = value.get("value", 0)
+            if value is not None:
+                return int(value)
+        return None
+
+    connected = number("num_connected_nodes", "numConnectedNodes")
+    if connected is None:
+        return None
+    unavailable = number("num_unavailable_nodes", "numUnavailableNodes") or 0
+    names = data.get("unavailable_nodes", data.get("unavailableNodes")) or []
+    return connected, unavailable, [str(n) for n in names]
