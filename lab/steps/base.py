@@ -121,8 +121,11 @@ class Timeouts:
         if not value:
             return cls()
         t = float(value)
+        # A pull failure is called final well before a short deadline, so the user gets the
+        # reason and its fix rather than a timeout.
         return cls(cluster=t, cni=t, gateway=t, certs=t, locked=t, meshed=t,
-                   poll_start=min(0.5, t / 20), poll_max=min(10.0, max(t / 5, 0.1)))
+                   poll_start=min(0.5, t / 20), poll_max=min(10.0, max(t / 5, 0.1)),
+                   image_pull=min(cls.image_pull, t / 2))
 
     def for_gate(self, name: str) -> float:
         return float(getattr(self, name, 300))

@@ -151,6 +151,11 @@ def _image_fix(reason: str, image: str, node: str | None) -> str:
             "registry's answer; then `invoke lab.up --resume`")
 
 
-def _short(text: str, limit: int = 240) -> str:
+def _short(text: str, limit: int = 300) -> str:
+    """One line; a long message keeps its start and its end, where the root cause usually is
+    (e.g. "…: dial tcp: lookup quay.io: no such host")."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " … " + text[-(limit - head - 3):]
