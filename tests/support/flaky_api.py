@@ -100,8 +100,10 @@ def watch_events(*events: dict[str, Any]) -> Action:
     return act
 
 
-def silent_exec(upgraded: threading.Event | None = None, delay: float = 0.0) -> Action:
-    """Accept the exec websocket (after ``delay``), then never send a frame."""
+def silent_exec(upgraded: threading.Event | None = None, delay: float = 0.0,
+                answered: threading.Event | None = None) -> Action:
+    """Accept the exec websocket (after ``delay``), then never send a frame. ``upgraded`` is set
+    when the upgrade request arrives, ``answered`` once the 101 has been sent."""
     def act(h: _Handler) -> None:
         if upgraded is not None:
             upgraded.set()
@@ -116,6 +118,8 @@ def silent_exec(upgraded: threading.Event | None = None, delay: float = 0.0) -> 
         h.send_header("Sec-WebSocket-Protocol", "v4.channel.k8s.io")
         h.end_headers()
         h.wfile.flush()
+        if answered is not None:
+            answered.set()
         h.server_state.stopped.wait()
         h.close_connection = True
     return act
