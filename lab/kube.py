@@ -472,7 +472,10 @@ def _within(deadline: float, open_: Callable[[], Any]) -> Any:
 def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
           container: str | None, timeout: float) -> ExecResult:
     """Run to completion or until ``timeout``: every wait below is bounded by one deadline."""
+    # Imported before the clock starts: the first import of the exec API takes seconds.
+    from kubernetes.client import CoreV1Api  # noqa: F401
     from kubernetes.client.exceptions import ApiException
+    from kubernetes.stream import stream  # noqa: F401
 
     doing = f"running {command[0]} in {namespace}/{pod}"
     late = Unreachable(
