@@ -128,6 +128,7 @@ class KubeClient:
         self.kubeconfig = kubeconfig
         self.request_timeout = request_timeout
         self.retry_budget = retry_budget
+        self._down_until = 0.0  # until then the server is taken as down: no retries
         self._api: Any = None
         self._resources: dict[tuple[str, str], Resource] = {}
         self._discovered: set[str] = set()
@@ -191,17 +192,24 @@ class KubeClient:
         doing = doing or f"{method} {path}"
         repeatable = method in _REPEATABLE_METHODS or (
             method == "PATCH" and content_type in _REPEATABLE_PATCHES)
-        deadline = time.monotonic() + (self.retry_budget if retry else 0.0)
+        # Once a server has stayed unreachable for a whole budget, the next calls try once:
+        # a status of a stopped cluster must not wait out the budget for every object it reads.
+        budget = self.retry_budget if retry and time.monotonic() >= self._down_until else 0.0
+        deadline = time.monotonic() + budget
         delay = RETRY_FIRST_DELAY
         while True:
             try:
-                return self._request_once(method, path, query, body, content_type, doing,
-                                          stream, timeout)
+                result = self._request_once(method, path, query, body, content_type, doing,
+                                            stream, timeout)
+                self._down_until = 0.0
+                return result
             except KubeError as exc:
                 if not exc.transient or not (repeatable or exc.unsent):
                     raise
                 wait = exc.retry_after if exc.retry_after is not None else delay
                 if time.monotonic() + wait > deadline:
+                    if exc.unsent and budget:
+                        self._down_until = time.monotonic() + self.retry_budget
                     raise
                 time.sleep(wait)
                 delay = min(delay * 2, RETRY_MAX_DELAY)

@@ -136,6 +136,18 @@ def test_connection_refused_while_the_api_server_restarts_is_retried(api: FlakyA
     assert took >= 0.9
 
 
+def test_a_server_that_stays_down_costs_one_budget_not_one_per_call(api: FlakyApi,
+                                                                     tmp_path: Path) -> None:
+    kube = client(api, tmp_path, retry_budget=1.5)
+    _, first, took_first = within(10, lambda: kube.version())
+    _, second, took_second = within(10, lambda: kube.version())
+    assert isinstance(first, Unreachable) and isinstance(second, Unreachable)
+    assert took_first >= 0.5 and took_second < 0.3, (took_first, took_second)
+    api.start()  # back: the next call answers, and retries are on again
+    _, error, _ = within(10, lambda: kube.version())
+    assert error is None, error
+
+
 def test_a_create_refused_at_connect_is_sent_again(api: FlakyApi, tmp_path: Path) -> None:
     """A refused connection never reached the server: even a POST is safe to send again."""
     api.script("POST", CONFIGMAPS, ok(configmap("c")))
