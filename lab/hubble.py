@@ -96,3 +96,42 @@ def parse_flows(text: str) -> list[dict[str, Any]]:
         if isinstance(flow, dict) and "verdict" in flow:
             flows.append(flow)
     return flows
+
+
+def relay_serves(text: str, local_nodes: int) -> tuple[bool, str] | None:
+    """Judge `hubble status -o json` asked through the relay: every node of this cluster
+    connected and none unavailable (None: not a status). After meshing the relay also connects
+    to every remote cluster's nodes (the peer service announces all nodes it knows), so the
+    count only has to cover the local nodes.
+
+    The output is protojson of observer.ServerStatusResponse with proto field names (cilium
+    v1.18.4 api/v1/observer/observer.pb.json.go); the UInt32Value wrappers print as plain numbers.
+    """
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+
+    def number(*keys: str) -> int | None:
+        for key in keys:
+            value = data.get(key)
+            if isinstance(value, dict):  # a wrapper printed as a message: {"value": N}
+                value = value.get("value", 0)
+            if value is not None:
+                return int(value)
+        return None
+
+    connected = number("num_connected_nodes", "numConnectedNodes")
+    if connected is None:
+        return None
+    unavailable = number("num_unavailable_nodes", "numUnavailableNodes") or 0
+    names = [str(n) for n in data.get("unavailable_nodes", data.get("unavailableNodes")) or []]
+    ok = connected >= local_nodes and unavailable == 0
+    detail = f"{min(connected, local_nodes)}/{local_nodes} local nodes connected"
+    if connected > local_nodes:
+        detail += f" ({connected} in the mesh)"
+    if unavailable:
+        detail += f"; {unavailable} unavailable" + (f": {', '.join(names)}" if names else "")
+    return ok, detail

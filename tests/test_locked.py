@@ -789,12 +789,13 @@ def test_live_trials_against_the_scripted_cluster(
     ({"num_connected_nodes": 0}, False),
     ({"num_connected_nodes": 2, "num_unavailable_nodes": 1,
       "unavailable_nodes": ["east/east-worker"]}, False),
-    ({}, False),
 ])
 def test_relay_serves_every_local_node_whatever_the_remote_count(status: Obj, ok: bool) -> None:
-    from lab.steps.locked import relay_serves_local_nodes
+    from lab.hubble import relay_serves
 
-    assert relay_serves_local_nodes(status, 1)[0] is ok
+    assert relay_serves(json.dumps(status), 1) is not None
+    assert relay_serves(json.dumps(status), 1)[0] is ok  # type: ignore[index]
+    assert relay_serves("{}", 1) is None and relay_serves("not json", 1) is None
 
 
 def test_offline_trials_are_skipped(locked: tuple[StepContext, FakeCluster, LockedStep]) -> None:

@@ -21,6 +21,7 @@ import yaml
 from lab import ca
 from lab.errors import LabError
 from lab.helm import ensure_release
+from lab.hubble import relay_serves
 from lab.kube import KubeError, condition, condition_true, deployment_available
 from lab.steps.base import HelmRelease, Rendered, StepContext, Verdict
 
@@ -233,19 +234,11 @@ class CniStep:
                                 container="cilium-agent", timeout=20)
         except KubeError as exc:
             return Check("hubble relay serves every node", False, exc.message)
-        status = _relay_status(res.stdout)
-        if res.returncode != 0 or status is None:
+        verdict = relay_serves(res.stdout, node_count)
+        if res.returncode != 0 or verdict is None:
             return Check("hubble relay serves every node", False,
                          (res.stderr or res.stdout).strip()[:200] or f"exit {res.returncode}")
-        connected, unavailable, names = status
-        # After meshing the relay also connects to every remote cluster's nodes (the peer service
-        # announces all nodes it knows), so the count only has to cover the local nodes.
-        ok = connected >= node_count and unavailable == 0
-        detail = f"{min(connected, node_count)}/{node_count} local nodes connected"
-        if connected > node_count:
-            detail += f" ({connected} in the mesh)"
-        if unavailable:
-            detail += f"; {unavailable} unavailable" + (f": {', '.join(names)}" if names else "")
+        ok, detail = verdict
         return Check("hubble relay serves every node", ok, detail)
 
     def probe(self, ctx: StepContext) -> Verdict:
@@ -279,33 +272,3 @@ def _daemonset_ready(ds: dict[str, Any] | None) -> tuple[bool, str]:
         return False, f"observedGeneration {st.get('observedGeneration')} ≠ generation {gen}"
     ok = desired > 0 and desired == ready == updated == available
     return ok, f"{ready}/{desired} ready, {updated} updated, {available} available"
-
-
-def _relay_status(text: str) -> tuple[int, int, list[str]] | None:
-    """(connected, unavailable, unavailable names) from `hubble status -o json`: protojson of
-    observer.ServerStatusResponse with proto field names (cilium v1.18.4
-    api/v1/observer/observer.pb.json.go); the UInt32Value wrappers print as plain numbers."""
-    import json
-
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-
-    def number(*keys: str) -> int | None:
-        for key in keys:
-            value = data.get(key)
-            if isinstance(value, dict):  # a wrapper printed as a message: {"value": N}
-                value = value.get("value", 0)
-            if value is not None:
-                return int(value)
-        return None
-
-    connected = number("num_connected_nodes", "numConnectedNodes")
-    if connected is None:
-        return None
-    unavailable = number("num_unavailable_nodes", "numUnavailableNodes") or 0
-    names = data.get("unavailable_nodes", data.get("unavailableNodes")) or []
-    return connected, unavailable, [str(n) for n in names]

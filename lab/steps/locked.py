@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from lab.errors import LabError
+from lab.hubble import relay_serves
 from lab.kube import KubeClient, KubeError, condition, condition_true
 from lab.matrix import Actor, Flow, Matrix
 from lab.policies import (
@@ -645,25 +646,6 @@ def try_flow(ctx: StepContext, flow: Flow, exec_fn: ExecFn, matrix: Matrix,
     return result
 
 
-def relay_serves_local_nodes(status: dict[str, Any], local_nodes: int) -> tuple[bool, str]:
-    """`hubble status -o json` through the relay: every node of this cluster connected and none
-    unavailable. After meshing the relay also connects to the other clusters' nodes, so the
-    connected count may exceed the local one."""
-    def count(key: str) -> int | None:
-        value = status.get(key)
-        value = value.get("value", 0) if isinstance(value, dict) else value
-        return int(value) if isinstance(value, int | str) and str(value).isdigit() else None
-
-    connected = count("num_connected_nodes")
-    unavailable = count("num_unavailable_nodes") or 0
-    missing = ", ".join(str(n) for n in status.get("unavailable_nodes") or [])
-    ok = connected is not None and connected >= local_nodes and unavailable == 0
-    detail = f"{connected}/{local_nodes} local nodes connected"
-    if unavailable:
-        detail += f", {unavailable} unavailable" + (f" ({missing})" if missing else "")
-    return ok, detail
-
-
 def _relay_trial(ctx: StepContext, flow: Flow, exec_fn: ExecFn) -> TrialResult:
     agents, relay = ready_agents(ctx), relay_server(ctx)
     if not agents or not relay:
@@ -674,12 +656,10 @@ def _relay_trial(ctx: StepContext, flow: Flow, exec_fn: ExecFn) -> TrialResult:
         return TrialResult(flow, "denied", out.strip()[:160])
     if flow.trial == "relay-from-agent":
         return TrialResult(flow, "allowed", "the relay answered an agent pod")
-    try:
-        data = json.loads(out)
-    except ValueError:
+    verdict = relay_serves(out, len(ctx.kube.list("v1", "Node")))
+    if verdict is None:
         return TrialResult(flow, "error", out.strip()[:160])
-    ok, detail = relay_serves_local_nodes(data if isinstance(data, dict) else {},
-                                          len(ctx.kube.list("v1", "Node")))
+    ok, detail = verdict
     return TrialResult(flow, "allowed" if ok else "denied", detail)
 
 

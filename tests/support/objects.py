@@ -91,8 +91,10 @@ def cni_ready(node_names: list[str]) -> list[Obj]:
 
 
 def hubble_status_json(connected: int, unavailable: int = 0) -> str:
-    """What `hubble status -o json` prints (protojson of observer.ServerStatusResponse)."""
-    return ('{"numFlows":"4095","maxFlows":"4095","seenFlows":"12345",'
-            '"uptimeNs":"123456789000",'
-            f'"numConnectedNodes":{connected},"numUnavailableNodes":{unavailable},'
-            '"version":"1.18.4"}\n')
+    """What `hubble status -o json` prints through the relay: protojson of
+    observer.ServerStatusResponse with proto field names, uint64 as strings, the UInt32Value
+    wrappers as plain numbers (cilium v1.18.4 hubble/pkg/printer/printer_test.go L1517)."""
+    return ('{"num_flows":"4095","max_flows":"4095","seen_flows":"12345",'
+            '"uptime_ns":"123456789000",'
+            f'"num_connected_nodes":{connected},"num_unavailable_nodes":{unavailable},'
+            '"version":"hubble-relay v1.18.4"}\n')
