@@ -104,11 +104,11 @@ PULL_MESSAGE = ('Back-off pulling image "' + AGENT_IMAGE + '": ErrImagePull: fai
 
 @pytest.mark.parametrize(("pod", "expected"), [
     (kube_system_pod("cilium-pull", waiting=("ImagePullBackOff", PULL_MESSAGE)),
-     ["cilium-pull/cilium-agent", "ImagePullBackOff", "lookup quay.io: no such host"]),
+     ["kube-system/cilium-pull (cilium-agent)", "ImagePullBackOff", "lookup quay.io: no such host"]),
     (kube_system_pod("cilium-crash", phase="Running",
                      waiting=("CrashLoopBackOff", "back-off 20s restarting failed container"),
                      restarts=2),
-     ["cilium-crash/cilium-agent", "CrashLoopBackOff", "2 restarts"]),
+     ["kube-system/cilium-crash (cilium-agent)", "CrashLoopBackOff", "2 restarts"]),
     (kube_system_pod("cilium-cfg", waiting=(
         "CreateContainerConfigError", 'secret "cilium-ca" not found')),
      ["CreateContainerConfigError", 'secret "cilium-ca" not found']),

@@ -734,6 +734,19 @@ def test_an_earlier_drop_does_not_count(
                         "Hubble shows lab-probe-c → lab-probe-b dropped by policy at INGRESS"}
 
 
+def test_gate_names_why_a_probe_pod_does_not_run(
+        locked: tuple[StepContext, FakeCluster, LockedStep], emu: KubeEmulator) -> None:
+    ctx, _fake, step = locked
+    emu.patch_status("v1", "Pod", PROBE_POD, "lab-probe-b", {
+        "phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{"name": PROBE_POD, "ready": False, "restartCount": 0, "state": {
+            "waiting": {"reason": "InvalidImageName",
+                        "message": 'Failed to apply default image tag "bad//image"'}}}]})
+    check = next(c for c in step.ready(ctx).checks if c.name == "probe pods run")
+    assert not check.ok and check.terminal  # waiting longer cannot help
+    assert "InvalidImageName" in check.detail and "lab-probe-b" in check.detail
+
+
 def test_gate_waits_for_probe_pods(emu: KubeEmulator, tmp_path: Path) -> None:
     _namespace(emu, "echo")
     ctx = make_ctx(tmp_path, emu)

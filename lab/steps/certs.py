@@ -410,6 +410,11 @@ class CertsStep:
         v.add(f"deployment {DEMO_NAMESPACE}/{DEMO_NAME} available",
               *deployment_available(ctx.kube.get("apps/v1", "Deployment", DEMO_NAME,
                                                  DEMO_NAMESPACE)))
+        # why a pod does not run (image pull, crash loop, unschedulable), ending early if final
+        nodes = ctx.kube.list("v1", "Node")
+        for ns in (CERT_MANAGER_NAMESPACE, DEMO_NAMESPACE):
+            v.checks.append(ctx.pods_check(f"pods of {ns} run", ctx.kube.list("v1", "Pod", ns),
+                                           nodes))
         ok, detail = ensure_node_ports(ctx, self.wanted_ports(ctx))  # read after the Gateway
         v.add("gateway Service HTTPS nodePort as configured", ok, detail)
         ca_pem = read_ca_pem(ctx.kube)

@@ -524,6 +524,8 @@ class LockedStep:
         exec_fn = self.executor(ctx)
         v.checks.append(self._realized(ctx, exec_fn, policies))
         pods = {ns: k.get("v1", "Pod", PROBE_POD, ns) for ns in PROBE_NAMESPACES}
+        v.checks.append(ctx.pods_check("probe pods run", [p for p in pods.values() if p],
+                                       k.list("v1", "Node")))
         not_ready = [ns for ns, p in pods.items()
                      if not condition_true(p, "Ready") or not _pod_ip(p)]
         if not v.add("probe pods ready", not not_ready,

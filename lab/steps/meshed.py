@@ -158,6 +158,10 @@ class MeshStep:
         dep = k.get("apps/v1", "Deployment", "clustermesh-apiserver", "kube-system")
         v.add("clustermesh-apiserver ready", condition_true(dep, "Available"),
               "missing" if dep is None else "")
+        v.checks.append(ctx.pods_check(
+            "clustermesh-apiserver pods run",
+            k.list("v1", "Pod", "kube-system", label_selector="k8s-app=clustermesh-apiserver"),
+            k.list("v1", "Node")))
         peers = [p["name"] for p in ctx.facts.get("meshPeers", [])]
         v.checks.append(self._agents_connected(ctx, peers))
         v.checks.append(self._global_service(ctx, peers))

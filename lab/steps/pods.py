@@ -86,7 +86,7 @@ def diagnose(pod: Obj, pressure: dict[str, list[str]], seen: FirstSeen, pull_gra
             continue
         container, restarts = cs.get("name", "?"), int(cs.get("restartCount") or 0)
         image = cs.get("image") or images.get(container, "")
-        where = f"{name}/{container}"
+        where = f"{namespace}/{name} ({container})"
         text = f"{where}: {reason}"
         if reason == CRASH_LOOP:
             text += f" after {restarts} restarts"
