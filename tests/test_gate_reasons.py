@@ -104,7 +104,8 @@ PULL_MESSAGE = ('Back-off pulling image "' + AGENT_IMAGE + '": ErrImagePull: fai
 
 @pytest.mark.parametrize(("pod", "expected"), [
     (kube_system_pod("cilium-pull", waiting=("ImagePullBackOff", PULL_MESSAGE)),
-     ["kube-system/cilium-pull (cilium-agent)", "ImagePullBackOff", "lookup quay.io: no such host"]),
+     ["kube-system/cilium-pull (cilium-agent)", "ImagePullBackOff",
+      "lookup quay.io: no such host"]),
     (kube_system_pod("cilium-crash", phase="Running",
                      waiting=("CrashLoopBackOff", "back-off 20s restarting failed container"),
                      restarts=2),
