@@ -202,3 +202,51 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="e2e: bring up this config instead of config/lab.yaml")
     group.addoption("--e2e-keep", action="store_true",
                     help="e2e: leave the lab running at the end (no lab.down)")
+
+
+# -- the real API server tier (envtest) ---------------------------------------------------------
+
+def _require_envtest() -> None:
+    """Skip (fail under CI=true) with one reason where no real API server can start."""
+    from tests.support.envtest import missing_assets
+
+    why = missing_assets()
+    if why is None:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(why, pytrace=False)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def envtest_pool() -> Iterator[Any]:
+    """Starts real API servers on demand (at most ``ServerPool.LIMIT`` in a session, ~420 MB
+    each) and stops whatever is left at the end."""
+    from tests.support.envtest import ServerPool
+
+    _require_envtest()
+    pool = ServerPool(upstream_dir())
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+@pytest.fixture(scope="session")
+def envtest(envtest_pool: Any) -> Any:
+    """The session's shared real API server with the pinned CRDs Established; tests isolate by
+    namespace (``envtest_namespace``) or apply with dryRun."""
+    return envtest_pool.shared()
+
+
+@pytest.fixture
+def envtest_namespace(envtest: Any, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace on the shared real API server."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"t-{name}-{uuid.uuid4().hex[:6]}"
+    envtest.client.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    envtest.client.delete("v1", "Namespace", name)  # stays Terminating: no namespace controller

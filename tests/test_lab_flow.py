@@ -32,11 +32,13 @@ MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimLab, Any, float]]:
-    """One lab brought from absent to `locked` by a plain `invoke lab.up` (shared by the tests of
-    this module that only read it or leave it as they found it)."""
+def lab(tmp_path_factory: pytest.TempPathFactory,
+        envtest: Any) -> Iterator[tuple[SimLab, Any, float]]:
+    """One lab brought from absent to `locked` by a plain `invoke lab.up` against the session's
+    real API server (shared by the tests of this module that only read it or leave it as they
+    found it)."""
     require_upstream()
-    sim_lab = make_lab(tmp_path_factory.mktemp("flow"))
+    sim_lab = make_lab(tmp_path_factory.mktemp("flow"), servers={"lab": envtest})
     try:
         start = time.monotonic()
         proc = sim_lab.env.run("lab.up", check=False, timeout=120)

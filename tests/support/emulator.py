@@ -46,6 +46,7 @@ import builtins
 import contextlib
 import copy
 import hashlib
+import http.client
 import io
 import json
 import logging
@@ -75,6 +76,7 @@ __all__ = [
     "ApiError",
     "ExecCall",
     "ExecCallback",
+    "ApiFront",
     "ExecOutput",
     "KubeEmulator",
     "PortForwardCallback",
@@ -2130,6 +2132,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._serve_stream(emulator, url.path, unquote(stream[1]), unquote(stream[2]),
                                stream[3], parse_qs(url.query, keep_blank_values=True))
             return
+        if isinstance(emulator, ApiFront):
+            fault = emulator._injected_fault(self.command, url.path)
+            if fault is None and emulator.admission is not None \
+                    and self.command in ("POST", "PUT", "PATCH"):
+                fault = emulator.admission(self.command, url.path)
+            if fault is not None:
+                self._send(_Reply(fault.code, fault.status()))
+            else:
+                self._proxy(emulator, raw, query)
+            return
         try:
             reply = emulator._serve(self.command, url.path, query, content_type, raw)
         except ApiError as err:
@@ -2268,9 +2280,165 @@ class _Handler(BaseHTTPRequestHandler):
                 ws.send_channel(data[0], reply)
         ws.close()
 
+    # -- ApiFront: everything else goes to the real API server ----------------------------------
+
+    def _upstream(self, front: ApiFront, watch: bool) -> http.client.HTTPSConnection:
+        up = front.upstream
+        if watch:
+            return http.client.HTTPSConnection(up.host, up.port, context=up.ssl_context)
+        conn: http.client.HTTPSConnection | None = getattr(self, "_upstream_conn", None)
+        if conn is None:
+            conn = http.client.HTTPSConnection(up.host, up.port, context=up.ssl_context,
+                                               timeout=60)
+            self._upstream_conn = conn
+        return conn
+
+    def _proxy(self, front: ApiFront, raw: bytes, query: dict[str, str]) -> None:
+        """Forward the request as it came (the real server's token instead of the client's
+        credentials) and relay the answer; a watch is relayed chunk by chunk."""
+        watch = query.get("watch", "").lower() in ("true", "1")
+        headers = {k: v for k in ("Content-Type", "Accept", "User-Agent")
+                   if (v := self.headers.get(k))}
+        headers["Authorization"] = f"Bearer {front.upstream.token}"
+        conn = self._upstream(front, watch)
+        try:
+            conn.request(self.command, self.path, body=raw if raw else None, headers=headers)
+            resp = conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            conn.close()
+            self._upstream_conn = None
+            conn = self._upstream(front, watch)
+            conn.request(self.command, self.path, body=raw if raw else None, headers=headers)
+            resp = conn.getresponse()
+        if watch and resp.status == 200:
+            self.send_response(200)
+            self.send_header("Content-Type", resp.headers.get("Content-Type",
+                                                              "application/json"))
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                while data := resp.read1(65536):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:  # the client went away
+                self.close_connection = True
+            finally:
+                conn.close()
+            return
+        data = resp.read()
+        if watch:
+            conn.close()
+        self.send_response(resp.status)
+        for name in ("Content-Type", "Warning", "Audit-Id"):
+            for value in resp.headers.get_all(name) or []:
+                self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        if self.command in MUTATING_METHODS and resp.status < 300 and not query.get("dryRun"):
+            try:
+                obj = json.loads(data) if data else {}
+            except ValueError:
+                obj = {}
+            verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                    "DELETE": "delete"}[self.command]
+            front._run_callbacks([(verb, obj if isinstance(obj, dict) else {})])
+
     def _client_gone(self) -> bool:
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
+
+
+# -- a front for a real API server ----------------------------------------------------------------
+
+class ApiFront(KubeEmulator):
+    """What a real API server cannot do without nodes, in front of one: the lab's kubeconfig
+    points here (plain HTTP, like the emulator); every request is recorded (``requests``,
+    ``writes()``), may be failed on purpose (``fail_next``) and is otherwise forwarded unchanged
+    to the real kube-apiserver with its token; only pods' ``exec`` and ``portforward`` are
+    answered here (``on_exec``, ``on_portforward``), for pods that exist on the real server.
+    ``on_write`` callbacks run after each successful write the real server accepted, before the
+    answer goes back. The test-side calls (``get``, ``list``, ``put``, ``delete``,
+    ``patch_status``, ``resource_type``) are real requests too (``upstream``, a ``RealApi``)."""
+
+    def __init__(self, upstream: Any) -> None:
+        self.upstream = upstream
+        self._reads = threading.local()
+        # a validating webhook the real server would call: (method, path) → refusal or None
+        self.admission: Callable[[str, str], ApiError | None] | None = None
+        self._front_ready = False
+        super().__init__()
+        self._front_ready = True
+
+    # A controller pass reads the same objects many times: ``cached_reads()`` lets one thread
+    # keep what it read until it writes (like an informer cache, without the lag).
+
+    @contextlib.contextmanager
+    def cached_reads(self) -> Iterator[None]:
+        outer = getattr(self._reads, "cache", None)
+        if outer is None:
+            self._reads.cache = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._reads.cache = None
+
+    def forget_reads(self) -> None:
+        if getattr(self._reads, "cache", None) is not None:
+            self._reads.cache = {}
+
+    def _cached(self, key: tuple[Any, ...], read: Callable[[], Any]) -> Any:
+        cache = getattr(self._reads, "cache", None)
+        if cache is None:
+            return read()
+        if key not in cache:
+            cache[key] = read()
+        return copy.deepcopy(cache[key])
+
+    def put(self, obj: JSON) -> JSON:
+        if not self._front_ready:
+            return obj  # the emulator's own default namespaces: the real server has them
+        self.forget_reads()
+        result: JSON = self.upstream.put(obj)
+        return result
+
+    def get(self, api_version: str, kind: str, name: str,
+            namespace: str | None = None) -> JSON | None:
+        result: JSON | None = self._cached(
+            ("get", api_version, kind, name, namespace),
+            lambda: self.upstream.get(api_version, kind, name, namespace))
+        return result
+
+    def list(self, api_version: str, kind: str, namespace: str | None = None,
+             label_selector: str = "") -> JSONList:
+        result: JSONList = self._cached(
+            ("list", api_version, kind, namespace, label_selector),
+            lambda: self.upstream.list(api_version, kind, namespace, label_selector))
+        return result
+
+    def delete(self, api_version: str, kind: str, name: str,
+               namespace: str | None = None) -> bool:
+        self.forget_reads()
+        return bool(self.upstream.delete(api_version, kind, name, namespace))
+
+    def patch_status(self, api_version: str, kind: str, name: str, namespace: str | None,
+                     status: JSON) -> JSON:
+        self.forget_reads()
+        result: JSON = self.upstream.patch_status(api_version, kind, name, namespace, status)
+        return result
+
+    def resource_type(self, api_version: str, kind: str) -> Any:
+        return self.upstream.resource_type(api_version, kind)
+
+    def _stream_pod(self, namespace: str, name: str) -> JSON:
+        pod = self.upstream.get("v1", "Pod", name, namespace)
+        if pod is None:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found',
+                           {"name": name, "kind": "pods"})
+        return dict(pod)

@@ -82,7 +82,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.conftest import REPO, LabEnv, load_upstream_crds, upstream_dir
-from tests.support.emulator import ApiError, KubeEmulator, ResourceType
+from tests.support.emulator import ApiError, ApiFront, KubeEmulator, ResourceType
 
 Obj = dict[str, Any]
 
@@ -549,17 +549,19 @@ class SimCluster:
     """Controllers, kubelets, agents and the host port of one kind cluster (module docstring)."""
 
     def __init__(self, name: str, fake_state: Path, *, mesh: Mesh | None = None,
-                 emulator: SimApiServer | None = None) -> None:
+                 emulator: SimApiServer | ApiFront | None = None,
+                 own_emulator: bool | None = None) -> None:
         self.name = name
         self.fake_state = Path(fake_state)
         self.mesh = mesh if mesh is not None else Mesh()
         self.mesh.clusters[name] = self
-        self._own_emulator = emulator is None
-        self.emu = emulator or SimApiServer()
+        self._own_emulator = emulator is None if own_emulator is None else own_emulator
+        self.emu: SimApiServer | ApiFront = emulator or SimApiServer()
         self.emu.start()
         self.emu.admission = self._admission
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self._wake: threading.Event | None = None
         self._rng = random.Random(f"sim-{name}")
         self._kind: Obj | None = None  # the kind.json record this cluster was registered from
         self._dirty_releases: set[str] = set()
@@ -581,6 +583,14 @@ class SimCluster:
         self._watcher = threading.Thread(target=self._watch_kind, daemon=True,
                                          name=f"sim-{name}-kind")
         self._watcher.start()
+        # In front of a real API server the controllers run in their own thread, one pass per
+        # burst of writes (a work queue), as real controllers do; the emulator runs them inside
+        # the write instead.
+        if isinstance(self.emu, ApiFront):
+            self._wake = threading.Event()
+            self._worker = threading.Thread(target=self._controllers, daemon=True,
+                                            name=f"sim-{name}-controllers")
+            self._worker.start()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -588,9 +598,24 @@ class SimCluster:
     def https_port(self) -> int:
         return self.front.port
 
+    def _controllers(self) -> None:
+        assert self._wake is not None
+        while not self._stop.is_set():
+            if not self._wake.wait(0.2):
+                continue
+            self._stop.wait(0.05)  # a burst of writes makes one pass
+            self._wake.clear()
+            try:
+                with self.emu.cached_reads():  # type: ignore[union-attr]
+                    self.reconcile()
+            except Exception as exc:  # keep running; the test sees it through check()
+                self.errors.append(exc)
+
     def close(self) -> None:
         self._stop.set()
         self._watcher.join(timeout=5)
+        if self._wake is not None:
+            self._worker.join(timeout=10)
         self.front.close()
         self.emu.admission = None
         if self._own_emulator:
@@ -917,6 +942,8 @@ class SimCluster:
         cache = getattr(self._tl, "cache", None)
         if cache is not None:
             cache.clear()
+        if isinstance(self.emu, ApiFront):
+            self.emu.forget_reads()
 
     def _put(self, obj: Obj) -> Obj:
         self._dirty()
@@ -968,11 +995,13 @@ class SimCluster:
             return False
         have = current.get("status") or {}
         merged = {**have, **status}
-        if merged == have:
+        if merged == have or _same_stored(have, merged):
             return False
-        self._patch_status(obj["apiVersion"], obj["kind"], m["name"], m.get("namespace"),
-                              status)
-        return True
+        stored = self._patch_status(obj["apiVersion"], obj["kind"], m["name"],
+                                    m.get("namespace"), status)
+        # a real server normalises what it stores (drops empty lists, …): changed only if the
+        # stored status moved
+        return (stored.get("status") or {}) != have
 
     def _on_write(self, verb: str, obj: Obj) -> None:
         try:
@@ -986,6 +1015,9 @@ class SimCluster:
                     self._dirty_releases.add(release)
                 if kind in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
                     self._policy_revision += 1
+                if self._wake is not None:
+                    self._wake.set()  # a real server: the controllers catch up on their own
+                    return
                 self.reconcile()
         except Exception as exc:
             self.errors.append(exc)
@@ -1395,7 +1427,12 @@ class SimCluster:
                               "targetPort": p} for p in ports]
             have_ports = [{k: v for k, v in p.items() if k != "nodePort"}
                           for p in (current or {}).get("spec", {}).get("ports") or []]
-            if current is None or have_ports != desired_ports or \
+            if isinstance(self.emu, ApiFront):
+                if self._ensure_gateway_service(current, name, ns, gm["uid"], ports):
+                    self._lb_ipam()
+                    changed = True
+                current = self.emu.get("v1", "Service", svc_name, ns)
+            elif current is None or have_ports != desired_ports or \
                     current["spec"].get("type") != "LoadBalancer":
                 # Cilium's desired Service carries no nodePort: the API server keeps them by name
                 svc = {"apiVersion": "v1", "kind": "Service",
@@ -1477,6 +1514,39 @@ class SimCluster:
             if parents is not None:
                 changed |= self._status(route, {"parents": parents})
         return changed
+
+    def _ensure_gateway_service(self, current: Obj | None, gateway: str, ns: str, uid: str,
+                                ports: list[int]) -> bool:
+        """Cilium 1.18's ``ensureService``: ``controllerutil.CreateOrPatch`` with
+        ``svc.Spec = desired.Spec`` (ports ``port-<n>``, no nodePort, no clusterIP), owner and
+        labels set, sent as a JSON merge patch of the difference — on every reconcile. What
+        survives of the allocated clusterIP and nodePorts is up to the API server. True if the
+        stored Service changed."""
+        labels = {"io.cilium.gateway/owning-gateway": gateway,
+                  "gateway.networking.k8s.io/gateway-name": gateway}
+        owner = [{"apiVersion": GATEWAY_API, "kind": "Gateway", "name": gateway, "uid": uid,
+                  "controller": True}]
+        spec = {"type": "LoadBalancer",
+                "ports": [{"name": f"port-{p}", "port": p, "protocol": "TCP", "targetPort": 0}
+                          for p in ports]}
+        name = f"cilium-gateway-{gateway}"
+        self._dirty()
+        if current is None:
+            self.emu.upstream.create({"apiVersion": "v1", "kind": "Service",
+                                      "metadata": {"name": name, "namespace": ns,
+                                                   "labels": labels, "ownerReferences": owner},
+                                      "spec": spec})
+            return True
+        after = copy.deepcopy(current)
+        after["spec"] = spec
+        after["metadata"]["ownerReferences"] = owner
+        after["metadata"]["labels"] = {**(current["metadata"].get("labels") or {}), **labels}
+        patch = merge_diff(current, after)
+        if not patch:
+            return False
+        stored = self.emu.upstream.merge_patch("v1", "Service", name, ns, patch)
+        return bool(stored["metadata"]["resourceVersion"] !=
+                    current["metadata"]["resourceVersion"])
 
     def _listener_refs(self, lst: Obj, ns: str) -> tuple[bool, str]:
         if lst.get("protocol") != "HTTPS":
@@ -2343,6 +2413,39 @@ def _daemonset(name: str, ns: str, labels: dict[str, str], container: str, *,
                      "template": {"metadata": tmeta, "spec": pod_spec}}}
 
 
+def _same_stored(stored: Obj, wanted: Obj) -> bool:
+    """``wanted`` equals ``stored`` up to the zero values a real server leaves out or spells
+    as null (Go's omitempty and nil pointers: 0, "", [], {} and null)."""
+    return bool(_pruned(stored) == _pruned(wanted))
+
+
+def _pruned(value: Any) -> Any:
+    if isinstance(value, dict):
+        out = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is False or v not in (None, 0, "", [], {})}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value
+
+
+def merge_diff(before: Any, after: Any) -> Any:
+    """The RFC 7386 JSON merge patch turning ``before`` into ``after`` (what controller-runtime's
+    ``client.MergeFrom`` sends): removed keys as null, lists and scalars whole."""
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return after
+    patch: Obj = {}
+    for key in before.keys() - after.keys():
+        patch[key] = None
+    for key, value in after.items():
+        if key not in before:
+            patch[key] = value
+        elif before[key] != value:
+            sub = merge_diff(before[key], value)
+            if sub != {} or not isinstance(value, dict):
+                patch[key] = sub
+    return patch
+
+
 def _label(obj: Obj, key: str) -> str | None:
     return (meta(obj).get("labels") or {}).get(key)
 
@@ -2469,10 +2572,13 @@ class SimLab:
 
 
 def make_lab(root: Path, base: str = "config/lab.yaml",
-             clusters: list[Obj] | None = None) -> SimLab:
+             clusters: list[Obj] | None = None,
+             servers: dict[str, Any] | None = None) -> SimLab:
     """A lab under ``root`` from a shipped config, one ``SimCluster`` per cluster, each cluster's
     ``httpsHostPort`` set to its simulator's free port; the Gateway API CRD cache pre-filled from
-    the pinned upstream files (no network)."""
+    the pinned upstream files (no network). ``servers`` (cluster name → ``EnvtestServer``): those
+    clusters are real API servers, reached through an ``ApiFront`` (exec and port-forward),
+    instead of emulators."""
     raw = yaml.safe_load((REPO / base).read_text())
     raw["stateDir"] = str(root / ".lab")
     if clusters is not None:
@@ -2483,7 +2589,11 @@ def make_lab(root: Path, base: str = "config/lab.yaml",
     sims: dict[str, SimCluster] = {}
     try:
         for c in raw["clusters"]:
-            sim = SimCluster(c["name"], fake_state, mesh=mesh)
+            server = (servers or {}).get(c["name"])
+            front = ApiFront(server.client.as_user_agent(f"sim-{c['name']}")) \
+                if server is not None else None
+            sim = SimCluster(c["name"], fake_state, mesh=mesh, emulator=front,
+                             own_emulator=True)
             sims[c["name"]] = sim
             gateway = c.setdefault("gateway", {})
             gateway["httpsHostPort"] = sim.https_port
