@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,8 @@ class LabEnv:
     fake_state: Path
     kubeconfig: Path
     emulators: dict[str, KubeEmulator]
+    # environment for every run, e.g. a longer gate timeout against real API servers
+    overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def state_dir(self) -> Path:
@@ -82,6 +84,7 @@ class LabEnv:
             "PYTHONPATH": str(REPO),
             "NO_COLOR": "1",
         })
+        env.update(self.overrides)
         env.update(extra)
         return env
 

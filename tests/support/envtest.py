@@ -43,6 +43,9 @@ Obj = dict[str, Any]
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ASSETS = REPO.parent / "shared" / "envtest" / "k8s" / "1.33.13-linux-amd64"
 BINARIES = ("etcd", "kube-apiserver")
+# metadata a server sets: an object read back and created again leaves them out
+SERVER_SET = ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields",
+              "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink")
 # the pinned CRDs every server gets once, as folders under the upstream dir
 PINNED_CRDS = ("gateway-api-1.4.0/standard", "cilium-1.18.4/crds", "cert-manager-1.19.0/crds")
 
@@ -249,6 +252,8 @@ class RealApi:
             current = self.get(obj["apiVersion"], obj["kind"], m["name"], ns)
             try:
                 if current is None:
+                    for key in SERVER_SET:
+                        m.pop(key, None)
                     stored = self.request("POST", rt.path(ns), obj)
                 elif obj["kind"] == "Pod":
                     stored = self._bind(rt, current, obj)

@@ -2609,6 +2609,10 @@ def make_lab(root: Path, base: str = "config/lab.yaml",
         (cache / p.name).write_bytes(p.read_bytes())
     env = LabEnv(root=root, config=config, fake_state=fake_state,
                  kubeconfig=root / "kubeconfig", emulators={n: s.emu for n, s in sims.items()})
+    if servers:
+        # the simulated controllers catch up asynchronously through a real server: a gate may
+        # need a few passes of theirs on a loaded machine
+        env.overrides["LAB_GATE_TIMEOUT"] = "30"
     return SimLab(env, sims, mesh)
 
 
