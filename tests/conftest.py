@@ -64,7 +64,7 @@ class LabEnv:
     fake_state: Path
     kubeconfig: Path
     emulators: dict[str, KubeEmulator]
-    # environment for every run, e.g. a longer gate timeout against real API servers
+    # environment forced on every run, e.g. a longer gate timeout against real API servers
     overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -84,8 +84,8 @@ class LabEnv:
             "PYTHONPATH": str(REPO),
             "NO_COLOR": "1",
         })
-        env.update(self.overrides)
         env.update(extra)
+        env.update(self.overrides)
         return env
 
     def command(self, *args: str) -> list[str]:

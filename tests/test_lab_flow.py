@@ -57,6 +57,7 @@ def _ca_pem(emu: Any) -> str:
     return base64.b64decode(secret["data"]["ca.crt"]).decode()
 
 
+@pytest.mark.envtest
 def test_up_from_absent_to_locked_through_the_real_tasks(
         lab: tuple[SimLab, Any, float]) -> None:
     sim_lab, proc, seconds = lab
@@ -101,6 +102,7 @@ def test_up_from_absent_to_locked_through_the_real_tasks(
           f"{ {t['transition']: t['seconds'] for t in env.record()['history']} }")
 
 
+@pytest.mark.envtest
 def test_status_json_shows_every_gate_ready_with_named_checks_and_durations(
         lab: tuple[SimLab, Any, float]) -> None:
     env = lab[0].env
@@ -136,6 +138,7 @@ def test_status_json_shows_every_gate_ready_with_named_checks_and_durations(
     assert row["allocation"]["httpsHostPort"] == lab[0].sims["lab"].https_port
 
 
+@pytest.mark.envtest
 def test_second_up_creates_nothing_and_finishes_quickly(lab: tuple[SimLab, Any, float]) -> None:
     sim_lab, _, first = lab
     env, sim = sim_lab.env, sim_lab.sims["lab"]
@@ -162,6 +165,7 @@ def test_second_up_creates_nothing_and_finishes_quickly(lab: tuple[SimLab, Any, 
     print(f"first lab.up {first:.1f}s, second {took:.1f}s")  # figures: `nox -s bench`
 
 
+@pytest.mark.envtest
 def test_resume_on_a_converged_lab_probes_and_does_nothing(
         lab: tuple[SimLab, Any, float]) -> None:
     env, sim = lab[0].env, lab[0].sims["lab"]
@@ -178,6 +182,7 @@ def test_resume_on_a_converged_lab_probes_and_does_nothing(
     assert rec["state"] == "locked" and rec["history"] == history
 
 
+@pytest.mark.envtest
 def test_the_gates_depend_on_what_the_product_applied(lab: tuple[SimLab, Any, float]) -> None:
     """The simulator is not vacuous: undo what the product did and the gates see it."""
     sim_lab = lab[0]

@@ -243,12 +243,21 @@ def test_render_of_the_two_cluster_config_validates(tmp_path: Path) -> None:
 # -- the mesh end to end ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimLab, Any, float]]:
-    """Two clusters, east and west, brought from absent to `meshed` by one `invoke lab.mesh`.
-    The tests below share it in file order; the last one removes west."""
+def mesh(tmp_path_factory: pytest.TempPathFactory,
+         envtest_pool: Any) -> Iterator[tuple[SimLab, Any, float]]:
+    """Two clusters, east and west, each its own real API server (service ranges as the config
+    allocates them), brought from absent to `meshed` by one `invoke lab.mesh`. The tests below
+    share it in file order; the last one removes west."""
     require_upstream()
-    lab = make_lab(tmp_path_factory.mktemp("mesh"), "config/mesh.yaml",
-                   [{"name": "east"}, {"name": "west"}])
+    servers = {}
+    try:
+        servers = envtest_pool.fresh_many({"east": "10.96.0.0/16", "west": "10.97.0.0/16"})
+        lab = make_lab(tmp_path_factory.mktemp("mesh"), "config/mesh.yaml",
+                       [{"name": "east"}, {"name": "west"}], servers=servers)
+    except BaseException:
+        for server in servers.values():
+            envtest_pool.release(server)
+        raise
     try:
         start = time.monotonic()
         proc = lab.env.run("lab.mesh", check=False, timeout=150, LAB_GATE_TIMEOUT="10")
@@ -256,6 +265,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SimLab, Any
         lab.check()
     finally:
         lab.close()
+        for server in servers.values():
+            envtest_pool.release(server)
 
 
 def _interval(rec: dict[str, Any], last: str) -> tuple[datetime.datetime, datetime.datetime]:
@@ -282,6 +293,7 @@ def _cilium_release(env: LabEnv, cluster: str) -> dict[str, Any]:
     return dict(helm[f"kind-{cluster}"]["kube-system/cilium"])
 
 
+@pytest.mark.envtest
 def test_lab_mesh_brings_both_clusters_up_in_parallel_to_meshed(
         mesh: tuple[SimLab, Any, float]) -> None:
     lab, proc, seconds = mesh
@@ -308,6 +320,7 @@ def test_lab_mesh_brings_both_clusters_up_in_parallel_to_meshed(
     print(f"lab.mesh absent → meshed (2 clusters): {seconds:.1f}s")
 
 
+@pytest.mark.envtest
 def test_installed_cilium_values_list_the_other_cluster_as_peer(
         mesh: tuple[SimLab, Any, float]) -> None:
     require_upstream()
@@ -345,6 +358,7 @@ def test_installed_cilium_values_list_the_other_cluster_as_peer(
     assert _node_ip(env, "east") != _node_ip(env, "west")
 
 
+@pytest.mark.envtest
 def test_second_mesh_is_idempotent(mesh: tuple[SimLab, Any, float]) -> None:
     lab = mesh[0]
     env = lab.env
@@ -367,6 +381,7 @@ def test_second_mesh_is_idempotent(mesh: tuple[SimLab, Any, float]) -> None:
     print(f"second lab.mesh: {took:.1f}s")
 
 
+@pytest.mark.envtest
 def test_down_west_removes_it_from_east_peers(mesh: tuple[SimLab, Any, float]) -> None:
     """Runs last on the shared mesh: it removes west."""
     lab = mesh[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import functools
 import http.client
 import json
 import os
@@ -354,11 +355,17 @@ class RealApi:
 
 
 def load_yaml_docs(folder: Path) -> list[Obj]:
+    return copy.deepcopy(list(_parsed(str(folder))))
+
+
+@functools.cache
+def _parsed(folder: str) -> tuple[Obj, ...]:
+    """Each folder parsed once per session (the CRDs are megabytes of YAML)."""
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     docs: list[Obj] = []
-    for path in sorted(folder.glob("*.yaml")):
+    for path in sorted(Path(folder).glob("*.yaml")):
         docs.extend(d for d in yaml.load_all(path.read_text(), Loader=loader) if d)
-    return docs
+    return tuple(docs)
 
 
 class EnvtestServer:
@@ -526,13 +533,16 @@ class ServerPool:
         self.started = 0
         self._shared: EnvtestServer | None = None
         self._live: list[EnvtestServer] = []
+        self._lock = threading.Lock()
 
     def _start(self, name: str, service_cidr: str) -> EnvtestServer:
-        if self.started >= self.LIMIT:
-            raise AssertionError(f"more than {self.LIMIT} real API servers in one session")
-        self.started += 1
+        with self._lock:
+            if self.started >= self.LIMIT:
+                raise AssertionError(f"more than {self.LIMIT} real API servers in one session")
+            self.started += 1
         server = EnvtestServer(service_cidr=service_cidr, name=name).start()
-        self._live.append(server)
+        with self._lock:
+            self._live.append(server)
         try:
             server.install_pinned_crds(self.upstream)
         except BaseException:
@@ -547,6 +557,30 @@ class ServerPool:
 
     def fresh(self, name: str, service_cidr: str = "10.96.0.0/16") -> EnvtestServer:
         return self._start(name, service_cidr)
+
+    def fresh_many(self, wanted: dict[str, str]) -> dict[str, EnvtestServer]:
+        """Several fresh servers (name → service CIDR), started side by side."""
+        if self.started + len(wanted) > self.LIMIT:
+            raise AssertionError(f"more than {self.LIMIT} real API servers in one session")
+        out: dict[str, EnvtestServer] = {}
+        errors: list[BaseException] = []
+
+        def start(name: str, cidr: str) -> None:
+            try:
+                out[name] = self._start(name, cidr)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start, args=item) for item in wanted.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            for server in out.values():
+                self.release(server)
+            raise errors[0]
+        return out
 
     def release(self, server: EnvtestServer) -> None:
         server.stop()
