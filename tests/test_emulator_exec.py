@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from kubernetes.stream import portforward, stream  # noqa: E402
 
 from lab.kube import KubeClient, KubeError  # noqa: E402
-from tests.support.emulator import KubeEmulator  # noqa: E402
+from tests.support.emulator import ApiFront, KubeEmulator  # noqa: E402
 
 NS = "default"
 
@@ -39,9 +39,19 @@ def pod(name: str, *containers: str, init: tuple[str, ...] = ()) -> dict[str, An
             "spec": spec}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[KubeEmulator]:
-    """One emulator for the module (stopping one costs ~50 ms), reset for each test by ``emu``."""
+@pytest.fixture(scope="module", params=["emulator", pytest.param("front", marks=pytest.mark.envtest)])
+def server(request: pytest.FixtureRequest) -> Iterator[KubeEmulator]:
+    """One server for the module, reset for each test by ``emu``: the emulator, and the
+    ``ApiFront`` that serves exec/port-forward in front of the real API server (the pods it
+    checks live there)."""
+    if request.param == "front":
+        envtest = request.getfixturevalue("envtest")
+        front = ApiFront(envtest.client)
+        front.delete("v1", "Pod", "agent", NS)
+        with front:
+            front.put(pod("agent", "cilium-agent"))
+            yield front
+        return
     with KubeEmulator() as emulator:
         emulator.put(pod("agent", "cilium-agent"))
         yield emulator
