@@ -209,26 +209,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # -- the real API server tier (envtest) ---------------------------------------------------------
 
-def _require_envtest() -> None:
-    """Skip (fail under CI=true) with one reason where no real API server can start."""
-    from tests.support.envtest import missing_assets
-
-    why = missing_assets()
-    if why is None:
-        return
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(why, pytrace=False)
-    pytest.skip(why)
-
-
 @pytest.fixture(scope="session")
 def envtest_pool() -> Iterator[Any]:
     """Starts real API servers on demand (at most ``ServerPool.LIMIT`` in a session, ~420 MB
     each) and stops whatever is left at the end."""
+    from tests.support.deps import require_envtest
     from tests.support.envtest import ServerPool
 
-    _require_envtest()
-    pool = ServerPool(upstream_dir())
+    pool = ServerPool(require_envtest(), upstream_dir())  # one skip reason (fails under CI)
     try:
         yield pool
     finally:

@@ -39,7 +39,8 @@ def pod(name: str, *containers: str, init: tuple[str, ...] = ()) -> dict[str, An
             "spec": spec}
 
 
-@pytest.fixture(scope="module", params=["emulator", pytest.param("front", marks=pytest.mark.envtest)])
+@pytest.fixture(scope="module",
+                params=["emulator", pytest.param("front", marks=pytest.mark.envtest)])
 def server(request: pytest.FixtureRequest) -> Iterator[KubeEmulator]:
     """One server for the module, reset for each test by ``emu``: the emulator, and the
     ``ApiFront`` that serves exec/port-forward in front of the real API server (the pods it

@@ -1,7 +1,8 @@
 """A real Kubernetes API server for tests: etcd + kube-apiserver on 127.0.0.1 (envtest).
 
-What controller-runtime's envtest does, from the binaries ``KUBEBUILDER_ASSETS`` points at
-(default ``../shared/envtest/k8s/1.33.13-linux-amd64`` next to the repo): free ports, temp dirs,
+What controller-runtime's envtest does, from the binaries ``tests.support.deps.require_envtest``
+finds (``KUBEBUILDER_ASSETS``, default ``../shared/envtest/k8s/1.33.13-linux-amd64``): free ports,
+temp dirs,
 a bearer token in the ``system:masters`` group, the certificate kube-apiserver generates and
 serves used as the CA of a kubeconfig. No kubelet, scheduler or controller-manager: pods never
 run on their own, and exec/port-forward have no node to reach (``tests.support.emulator.ApiFront``
@@ -41,29 +42,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 Obj = dict[str, Any]
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_ASSETS = REPO.parent / "shared" / "envtest" / "k8s" / "1.33.13-linux-amd64"
-BINARIES = ("etcd", "kube-apiserver")
 # metadata a server sets: an object read back and created again leaves them out
 SERVER_SET = ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields",
               "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink")
 # the pinned CRDs every server gets once, as folders under the upstream dir
 PINNED_CRDS = ("gateway-api-1.4.0/standard", "cilium-1.18.4/crds", "cert-manager-1.19.0/crds")
-
-
-def assets_dir() -> Path:
-    return Path(os.environ.get("KUBEBUILDER_ASSETS") or DEFAULT_ASSETS)
-
-
-def missing_assets() -> str | None:
-    """Why no real API server can start here (None: it can)."""
-    folder = assets_dir()
-    missing = [b for b in BINARIES if not os.access(folder / b, os.X_OK)]
-    if not missing:
-        return None
-    return (f"no envtest binaries ({', '.join(missing)}) in {folder}: set KUBEBUILDER_ASSETS to "
-            "a folder holding etcd and kube-apiserver (controller-tools envtest release, or "
-            "`setup-envtest use 1.33`)")
 
 
 def free_port() -> int:
@@ -371,7 +354,9 @@ def _parsed(folder: str) -> tuple[Obj, ...]:
 class EnvtestServer:
     """etcd + kube-apiserver for one test session or module; ``stop()`` ends both by PID."""
 
-    def __init__(self, *, service_cidr: str = "10.96.0.0/16", name: str = "envtest") -> None:
+    def __init__(self, assets: Path, *, service_cidr: str = "10.96.0.0/16",
+                 name: str = "envtest") -> None:
+        self.assets = assets
         self.service_cidr = service_cidr
         self.name = name
         self.root = Path(tempfile.mkdtemp(prefix=f"{name}-"))
@@ -383,12 +368,8 @@ class EnvtestServer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> EnvtestServer:
-        why = missing_assets()
-        if why:
-            raise RuntimeError(why)
-        assets = assets_dir()
         try:
-            self._start(assets, timeout)
+            self._start(self.assets, timeout)
         except BaseException:
             self.stop()
             raise
@@ -528,7 +509,8 @@ class ServerPool:
 
     LIMIT = 3
 
-    def __init__(self, upstream: Path) -> None:
+    def __init__(self, assets: Path, upstream: Path) -> None:
+        self.assets = assets
         self.upstream = upstream
         self.started = 0
         self._shared: EnvtestServer | None = None
@@ -540,7 +522,7 @@ class ServerPool:
             if self.started >= self.LIMIT:
                 raise AssertionError(f"more than {self.LIMIT} real API servers in one session")
             self.started += 1
-        server = EnvtestServer(service_cidr=service_cidr, name=name).start()
+        server = EnvtestServer(self.assets, service_cidr=service_cidr, name=name).start()
         with self._lock:
             self._live.append(server)
         try:
