@@ -1417,6 +1417,8 @@ class SimCluster:
         for gw in self._list(GATEWAY_API, "Gateway"):
             if gw["spec"].get("gatewayClassName") not in classes:
                 continue
+            if meta(namespaces.get(meta(gw)["namespace"])).get("deletionTimestamp"):
+                continue  # nothing can be created there any more (another test's leftover)
             gm = meta(gw)
             ns, name, gen = gm["namespace"], gm["name"], gm["generation"]
             listeners = gw["spec"].get("listeners") or []
