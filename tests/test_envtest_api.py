@@ -10,6 +10,7 @@ exercised through the product's own client (``lab.kube.KubeClient``) on the same
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,31 @@ def test_a_watch_sees_what_another_writer_changes(kube: Any, envtest: Any,
     api.delete("v1", "ConfigMap", "watched", ns)
     thread.join(15)
     assert seen == [("ADDED", "1"), ("MODIFIED", "2"), ("DELETED", "2")]
+
+
+def test_the_server_keeps_a_nodeport_by_port_name_when_cilium_patches_the_service(
+        envtest: Any, envtest_namespace: str) -> None:
+    """Why the lab's static NodePorts survive Cilium: its reconciler sends the Service spec
+    without nodePorts (a JSON merge patch replacing ``ports`` whole); the API server fills in the
+    nodePort a port of the same name had, and allocates a new one for a port it does not know."""
+    from tests.support.simcluster import merge_diff
+
+    api, ns = envtest.client, envtest_namespace
+    svc = api.create({"apiVersion": "v1", "kind": "Service",
+                      "metadata": {"name": "cilium-gateway-lab", "namespace": ns},
+                      "spec": {"type": "LoadBalancer", "ports": [
+                          {"name": "port-80", "port": 80, "protocol": "TCP", "nodePort": 30180},
+                          {"name": "port-443", "port": 443, "protocol": "TCP",
+                           "nodePort": 30543}]}})
+    after = copy.deepcopy(svc)
+    after["spec"] = {"type": "LoadBalancer", "ports": [
+        {"name": f"port-{p}", "port": p, "protocol": "TCP", "targetPort": 0}
+        for p in (80, 443, 8080)]}
+    patch = merge_diff(svc, after)
+    assert "nodePort" not in json.dumps(patch) and patch["spec"]["clusterIP"] is None
+    stored = api.merge_patch("v1", "Service", "cilium-gateway-lab", ns, patch)
+    ports = {p["name"]: p["nodePort"] for p in stored["spec"]["ports"]}
+    assert ports["port-80"] == 30180 and ports["port-443"] == 30543
+    assert 30000 <= ports["port-8080"] <= 32767 and ports["port-8080"] not in (30180, 30543)
+    assert stored["spec"]["clusterIP"] == svc["spec"]["clusterIP"]
+    assert [p["targetPort"] for p in stored["spec"]["ports"]] == [80, 443, 8080]
