@@ -240,4 +240,9 @@ def envtest_namespace(envtest: Any, request: pytest.FixtureRequest) -> Iterator[
     name = f"t-{name}-{uuid.uuid4().hex[:6]}"
     envtest.client.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     yield name
-    envtest.client.delete("v1", "Namespace", name)  # stays Terminating: no namespace controller
+    # No namespace controller: the namespace stays Terminating with its objects in it, so the
+    # objects that other tests' controllers react to (Gateways, Services) go first.
+    for api_version, kind in (("gateway.networking.k8s.io/v1", "Gateway"), ("v1", "Service")):
+        for obj in envtest.client.list(api_version, kind, name):
+            envtest.client.delete(api_version, kind, obj["metadata"]["name"], name)
+    envtest.client.delete("v1", "Namespace", name)
