@@ -276,32 +276,41 @@ class ImageCache:
         return res.returncode, res.stdout, res.stderr
 
     def inspect(self, upstream: str) -> CacheState:
-        name = container_name(upstream)
-        state = CacheState(upstream, name)
-        rc, out, err = self._docker(["container", "inspect", name], timeout=30)
-        if rc != 0:
-            if re.search(r"no such (container|object)", err, re.IGNORECASE):
-                return state
-            raise LabError(f"`docker container inspect {name}` failed: {err.strip()}",
+        return self.inspect_all([upstream])[upstream]
+
+    def inspect_all(self, upstreams: list[str] | None = None) -> dict[str, CacheState]:
+        """One `docker container inspect` for every cache container (missing ones too)."""
+        ups = upstreams or list(UPSTREAMS)
+        names = [container_name(up) for up in ups]
+        states = {up: CacheState(up, container_name(up)) for up in ups}
+        rc, out, err = self._docker(["container", "inspect", *names], timeout=30)
+        problems = [ln for ln in err.splitlines()
+                    if ln.strip() and not re.search(r"no such (container|object)", ln, re.I)]
+        if rc != 0 and problems:
+            raise LabError(f"`docker container inspect` failed: {problems[-1].strip()}",
                            "check that Docker runs (`docker info`)")
-        data = json.loads(out)[0]
-        labels = (data.get("Config") or {}).get("Labels") or {}
-        settings = data.get("NetworkSettings") or {}
-        bound = (settings.get("Ports") or {}).get(f"{REGISTRY_PORT}/tcp") or []
-        state.exists = True
-        state.ours = labels.get(CACHE_LABEL) == "true" and labels.get(UPSTREAM_LABEL) == upstream
-        state.running = bool((data.get("State") or {}).get("Running"))
-        state.networks = sorted(settings.get("Networks") or {})
-        state.host_port = int(bound[0]["HostPort"]) if bound and bound[0].get("HostPort") \
-            else None
-        state.image = str((data.get("Config") or {}).get("Image", ""))
-        return state
+        for data in json.loads(out) if out.strip() else []:
+            up = next((u for u in ups if "/" + container_name(u) == data.get("Name")), None)
+            if up is None:
+                continue
+            state = states[up]
+            config = data.get("Config") or {}
+            labels = config.get("Labels") or {}
+            settings = data.get("NetworkSettings") or {}
+            bound = (settings.get("Ports") or {}).get(f"{REGISTRY_PORT}/tcp") or []
+            state.exists = True
+            state.ours = labels.get(CACHE_LABEL) == "true" and labels.get(UPSTREAM_LABEL) == up
+            state.running = bool((data.get("State") or {}).get("Running"))
+            state.networks = sorted(settings.get("Networks") or {})
+            state.host_port = int(bound[0]["HostPort"]) if bound and bound[0].get("HostPort") \
+                else None
+            state.image = str(config.get("Image", ""))
+        return states
 
     def ensure(self) -> list[CacheState]:
         """Create, start and connect what is missing. Safe when another lab does it at once."""
         states = []
-        for up in UPSTREAMS:
-            state = self.inspect(up)
+        for up, state in self.inspect_all().items():
             if state.exists and not state.ours:
                 raise LabError(
                     f"a container named {state.name!r} exists but is not the lab's image cache "
@@ -340,7 +349,7 @@ class ImageCache:
     def connect(self, states: list[CacheState] | None = None) -> None:
         """Join the kind network (once kind has created it); idempotent."""
         net = self.cfg.docker_network
-        for state in states or [self.inspect(up) for up in UPSTREAMS]:
+        for state in states if states is not None else self.inspect_all().values():
             if not state.exists or net in state.networks:
                 continue
             rc, _, err = self._docker(["network", "connect", net, state.name])
@@ -354,8 +363,7 @@ class ImageCache:
     def purge(self) -> list[str]:
         """Remove the containers and their volumes (every lab on the machine loses the cache)."""
         removed = []
-        for up in UPSTREAMS:
-            state = self.inspect(up)
+        for up, state in self.inspect_all().items():
             if state.exists and not state.ours:
                 continue  # never remove what is not ours
             name = container_name(up)
@@ -421,8 +429,7 @@ def status(cfg: LabConfig, tools: Tools, log: Logger) -> dict[str, Any]:
                            "imagesCached": 0, "diskKiB": 0, "missing": []}
     stored: dict[str, set[str]] = {}
     try:
-        for up in UPSTREAMS:
-            state = cache.inspect(up)
+        for up, state in cache.inspect_all().items():
             kib, found = cache.contents(state) if state.running else (None, set())
             stored[up] = found
             row["diskKiB"] += kib or 0
@@ -447,7 +454,7 @@ def doctor_check(cfg: LabConfig, tools: Tools,
     if not cfg.image_cache:
         return "ok", "off (imageCache: false): nodes pull from the upstream registries", ""
     try:
-        states = [ImageCache(cfg, tools, log).inspect(up) for up in UPSTREAMS]
+        states = list(ImageCache(cfg, tools, log).inspect_all().values())
     except LabError as exc:
         return "warn", exc.message, exc.hint
     foreign = [s.name for s in states if s.exists and not s.ours]
