@@ -215,7 +215,8 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
     if rows:
         from lab.tasks.cache import cache_line
 
-        console.print(cache_line(rows[0].get("imageCache") or {}))
+        console.print(cache_line(rows[0].get("imageCache") or {}), soft_wrap=True,
+                      highlight=False)
 
 
 LIFECYCLE_TASKS = (up, mesh, down, status, render)

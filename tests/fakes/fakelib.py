@@ -2341,7 +2341,7 @@ def docker_ps(state: State, args: list[str]) -> None:
     docker_apply_format(opts.get("format"), rows, table)
 
 
-# -- standalone containers (`docker run`), e.g. the lab's image cache -------------------------------
+# -- standalone containers (`docker run`), e.g. the lab's image cache ------------------------------
 # docker.json: "standalone" {name: {id, image, labels, env, volumes, ports, networks, running}},
 # "volumes" {name: {labels}}; "cachePorts" {name: host port} fixes a published port (default: a
 # free loopback port nobody listens on).
