@@ -510,6 +510,12 @@ class Prefetch:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._prefetch_all()
+        except Exception as exc:  # a prefetch never fails a lab: the nodes pull what is missing
+            self.log.warning("imagecache.prefetch_failed", error=repr(exc))
+
+    def _prefetch_all(self) -> None:
         images, missing = prefetch_images(self.cfg)
         if missing:
             self.log.warning("imagecache.no_prefetch_list", charts=missing)
@@ -550,7 +556,7 @@ class Prefetch:
             if port is None:
                 raise OSError(f"no cache for {image.registry}")
             self._pull(f"http://127.0.0.1:{port}/v2/{image.repository}", image.reference, arch)
-        except (OSError, ValueError, KeyError) as exc:  # urllib errors are OSErrors
+        except Exception as exc:  # network, HTTP, or a manifest we cannot read: a warning
             with self._lock:
                 self.failed[ref] = str(exc)
             if not self.stopped.is_set():

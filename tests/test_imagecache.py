@@ -498,3 +498,33 @@ def test_a_failed_prefetch_is_a_warning(tmp_path: Path, monkeypatch: pytest.Monk
                                         capsys: pytest.CaptureFixture[str]) -> None:
     job = _prefetch(tmp_path, monkeypatch)  # nobody listens on the published ports
     assert job.done == [] and sorted(job.failed) == sorted(expected_images(mesh=False))
+
+
+def test_lab_up_warms_the_cache_in_the_background_and_a_failed_prefetch_is_only_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from lab.runner import Lab
+
+    _prefetch(tmp_path, monkeypatch)  # the caches exist; nobody listens on their ports
+    caplog.clear()
+    jobs: list[imagecache.Prefetch] = []
+    start = imagecache.start_prefetch
+
+    def recorded(*args: Any) -> imagecache.Prefetch | None:
+        job = start(*args)
+        assert job is not None
+        jobs.append(job)
+        return job
+
+    def clusters_converge(clusters: Any, work: Any) -> None:
+        # the prefetch runs while the clusters come up (stands in for kind create and the rest)
+        assert jobs and jobs[0]._thread is not None
+        jobs[0]._thread.join(60)
+
+    monkeypatch.setattr(imagecache, "start_prefetch", recorded)
+    monkeypatch.setattr(Lab, "_parallel", lambda self, clusters, work: clusters_converge(
+        clusters, work))
+    Lab(_cfg(tmp_path)).up("cni")  # returns normally
+    assert sorted(jobs[0].failed) == sorted(expected_images(mesh=False))
+    assert caplog.text.count("imagecache.prefetch_failed") == 11
+    assert "imagecache.prefetched" in caplog.text
