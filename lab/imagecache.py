@@ -450,27 +450,41 @@ def status(cfg: LabConfig, tools: Tools, log: Logger) -> dict[str, Any]:
 
 def doctor_check(cfg: LabConfig, tools: Tools,
                  log: Logger) -> tuple[Literal["ok", "warn", "fail"], str, str]:
-    """(verdict, found, fix) for the doctor's image cache check (Docker known to answer)."""
+    """(verdict, found, fix) for the doctor's image cache check (Docker known to answer).
+
+    One `docker ps -a` filtered by name: the containers that hold the cache's names, whoever
+    created them."""
     if not cfg.image_cache:
         return "ok", "off (imageCache: false): nodes pull from the upstream registries", ""
-    try:
-        states = list(ImageCache(cfg, tools, log).inspect_all().values())
-    except LabError as exc:
-        return "warn", exc.message, exc.hint
-    foreign = [s.name for s in states if s.exists and not s.ours]
+    res = tools.run("docker", ["ps", "--all", "--filter", f"name=^{NAME_PREFIX}", "--format",
+                               "{{.Names}}\t{{.State}}\t{{.Labels}}"],
+                    check=False, quiet=True, timeout=30)
+    if res.returncode != 0:
+        return ("warn", f"`docker ps` failed: {res.stderr.strip()}",
+                "check that Docker runs (`docker info`)")
+    found: dict[str, tuple[str, dict[str, str]]] = {}
+    for line in res.stdout.splitlines():
+        name, _, rest = line.partition("\t")
+        state, _, labels = rest.partition("\t")
+        found[name.strip()] = (state.strip(), dict(
+            kv.partition("=")[::2] for kv in labels.split(",") if "=" in kv))
+    names = {container_name(up): up for up in UPSTREAMS}
+    ours = {n: found[n] for n in names if n in found}
+    foreign = [n for n, (_, labels) in ours.items()
+               if labels.get(CACHE_LABEL) != "true" or labels.get(UPSTREAM_LABEL) != names[n]]
     if foreign:
         return ("fail", f"{', '.join(foreign)} exist(s) but are not the lab's image cache",
                 f"remove them (`docker rm -f {' '.join(foreign)}`) or set `imageCache: false`")
-    stopped = [s.name for s in states if s.exists and not s.running]
+    stopped = [n for n, (state, _) in ours.items() if state != "running"]
     if stopped:
         return ("warn", f"stopped: {', '.join(stopped)} (nodes pull from upstream meanwhile)",
                 f"`docker start {' '.join(stopped)}`, or let `lab.up` start them")
-    if not any(s.exists for s in states):
+    if not ours:
         return "ok", "not created yet: `lab.up` creates it before the first kind cluster", ""
-    missing = [s.name for s in states if not s.exists]
+    missing = [n for n in names if n not in ours]
     if missing:
         return "ok", f"{', '.join(missing)} missing: `lab.up` creates it", ""
-    return "ok", f"running: {', '.join(s.name for s in states)}", ""
+    return "ok", f"running: {', '.join(ours)}", ""
 
 
 # -- prefetch ------------------------------------------------------------------------------------

@@ -2292,6 +2292,37 @@ def _ps_row(rec: dict[str, Any], no_trunc: bool) -> dict[str, Any]:
     }
 
 
+def _standalone_ps_rows(state: State, opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """`docker run` containers in `docker ps` (filters: name regex, status, label)."""
+    rows = []
+    for name, c in sorted((docker_state(state).get("standalone") or {}).items()):
+        if not (opts["all"] or c["running"]):
+            continue
+        keep = True
+        for flt in opts["filter"]:
+            k, _, v = flt.partition("=")
+            lk, eq, lv = v.partition("=")
+            keep = keep and (
+                (k == "name" and re.search(v, name) is not None)
+                or (k == "status" and ("running" if c["running"] else "exited") == v)
+                or (k == "label" and lk in c["labels"] and (not eq or c["labels"][lk] == lv)))
+        if not keep:
+            continue
+        labels = c["labels"]
+        rows.append({
+            "ID": c["id"][:12], "Image": c["image"], "Names": name,
+            "State": "running" if c["running"] else "exited",
+            "Status": "Up 1 minute" if c["running"] else "Exited (0) 1 second ago",
+            "Ports": ", ".join(f"127.0.0.1:{hp}->{cp}/tcp" for cp, hp in c["ports"].items())
+            if c["running"] else "",
+            "Labels": ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+            "Label": lambda key, labels=labels: labels.get(key, ""),
+            "Command": '"/entrypoint.sh /e…"', "RunningFor": "1 minute ago", "Size": "0B",
+            "CreatedAt": "2025-01-01 00:00:00 +0000 UTC", "Networks": ",".join(c["networks"]),
+            "Mounts": "", "LocalVolumes": "1"})
+    return rows
+
+
 def docker_ps(state: State, args: list[str]) -> None:
     try:
         opts, pos, _ = parse_flags(args, [F("all/a", "bool"), F("filter/f", "array"),
@@ -2327,6 +2358,7 @@ def docker_ps(state: State, args: list[str]) -> None:
     if names_f:
         recs = [r for r in recs if any(re.search(p, r["name"]) for p in names_f)]
     rows = [_ps_row(r, opts["no-trunc"]) for r in recs]
+    rows += _standalone_ps_rows(state, opts)
     if opts["quiet"]:
         for r in rows:
             out(r["ID"])
