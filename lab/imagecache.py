@@ -517,7 +517,7 @@ class Prefetch:
         self._thread.start()
         return self
 
-    def finish(self, timeout: float = 10) -> None:
+    def finish(self, timeout: float = 2) -> None:
         """Stop what is left (the lab is up or gave up) and wait briefly."""
         self.stopped.set()
         if self._thread is not None:

@@ -67,9 +67,13 @@ class Lab:
         before_mesh = "locked" if target == "meshed" else target
         if STATES.index(target) >= STATES.index("cni"):
             ca.load_or_create(self.cfg.state_dir)  # once, before clusters run in parallel
-        # Warm the shared image cache while kind creates the clusters (never fails lab.up).
+        # Warm the shared image cache while kind creates the clusters (never fails lab.up);
+        # clusters already at the target have every image they need.
+        behind = [c for c in chosen
+                  if STATES.index(self.store.load(c.name).state) < STATES.index(before_mesh)]
         prefetch = imagecache.start_prefetch(self.cfg, lab_tools(self.cfg, self.log), self.log,
-                                             self.progress) if target != "cluster" else None
+                                             self.progress) \
+            if behind and STATES.index(target) > STATES.index("cluster") else None
         try:
             self._parallel(chosen, lambda c: self._up_cluster(c, before_mesh, resume))
             if target == "meshed":
