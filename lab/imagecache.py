@@ -118,7 +118,8 @@ def plan_lines(cfg: LabConfig, first_cluster: bool) -> list[list[str]]:
                                "(`lab.down` keeps it, `lab.down --purge` removes it):"]]
     for up in UPSTREAMS:
         name = container_name(up)
-        lines.append(run_args(cfg, up))
+        lines.append(plan_volume(up))
+        lines.append(run_args(up))
         lines.append(["docker", "network", "connect", cfg.docker_network, name])
     for up in UPSTREAMS:
         lines.append([f"containerd on every node pulls {up} from "
@@ -131,7 +132,12 @@ def plan_lines(cfg: LabConfig, first_cluster: bool) -> list[list[str]]:
     return lines
 
 
-def run_args(cfg: LabConfig, upstream: str) -> list[str]:
+def plan_volume(upstream: str) -> list[str]:
+    return ["docker", "volume", "create", "--label", f"{CACHE_LABEL}=true",
+            "--label", f"{UPSTREAM_LABEL}={upstream}", container_name(upstream)]
+
+
+def run_args(upstream: str) -> list[str]:
     name = container_name(upstream)
     return ["docker", "run", "--detach", "--name", name, "--restart", "unless-stopped",
             "--label", f"{CACHE_LABEL}=true", "--label", f"{UPSTREAM_LABEL}={upstream}",
@@ -333,12 +339,11 @@ class ImageCache:
 
     def _create(self, upstream: str) -> None:
         name = container_name(upstream)
-        rc, _, err = self._docker(["volume", "create", "--label", f"{CACHE_LABEL}=true",
-                                   "--label", f"{UPSTREAM_LABEL}={upstream}", name])
+        rc, _, err = self._docker(plan_volume(upstream)[1:])
         if rc != 0:
             raise LabError(f"could not create the volume {name}: {err.strip()}",
                            "check `docker volume ls`")
-        rc, _, err = self._docker(run_args(self.cfg, upstream)[1:], timeout=300)
+        rc, _, err = self._docker(run_args(upstream)[1:], timeout=300)
         # Another lab created it between our inspect and our run: same name, same thing.
         if rc != 0 and "is already in use" not in err:
             raise LabError(f"could not start the image cache {name}: {err.strip()}",

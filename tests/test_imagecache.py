@@ -370,6 +370,8 @@ def test_dry_run_shows_the_containers_the_node_configuration_and_the_prefetch_li
     runs = len(machine.calls("docker", "run"))
     out = machine.run("lab.up", "--dry-run").stdout
     for registry, (name, server) in CACHES.items():
+        assert ("$ docker volume create --label io.kind-cilium-lab.image-cache=true --label "
+                f"io.kind-cilium-lab.upstream={registry} {name}\n") in out
         assert f"$ docker run --detach --name {name} " in out
         assert f"--env REGISTRY_PROXY_REMOTEURL={server} " in out
         assert f"$ docker network connect kind {name}" in out
