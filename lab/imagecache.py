@@ -110,7 +110,7 @@ def configure_nodes(cfg: LabConfig, work_dir: Path, kind_cfg: dict[str, Any]) ->
     return kind_cfg
 
 
-def plan_lines(cfg: LabConfig, first_cluster: bool) -> list[list[str]]:
+def plan_lines(cfg: LabConfig, work_dir: Path, first_cluster: bool) -> list[list[str]]:
     """What `--dry-run` shows: the containers, the node configuration, the prefetch list."""
     if not cfg.image_cache:
         return [["image cache off (imageCache: false): nodes pull from the upstream registries"]]
@@ -121,6 +121,8 @@ def plan_lines(cfg: LabConfig, first_cluster: bool) -> list[list[str]]:
         lines.append(plan_volume(up))
         lines.append(run_args(up))
         lines.append(["docker", "network", "connect", cfg.docker_network, name])
+    lines.append([f"every node mounts {work_dir / HOSTS_DIR} read-only at {NODE_HOSTS_DIR} "
+                  "(containerd config_path, set by containerdConfigPatches)"])
     for up in UPSTREAMS:
         lines.append([f"containerd on every node pulls {up} from "
                       f"http://{container_name(up)}:{REGISTRY_PORT}, else {UPSTREAMS[up]}"])

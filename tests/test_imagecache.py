@@ -377,6 +377,8 @@ def test_dry_run_shows_the_containers_the_node_configuration_and_the_prefetch_li
         assert f"$ docker network connect kind {name}" in out
         assert (f"containerd on every node pulls {registry} from http://{name}:5000, "
                 f"else {server}") in out
+    assert (f"every node mounts {machine.state_dir}/work/lab/certs.d read-only at "
+            "/etc/containerd/certs.d") in out
     for image in expected_images(mesh=False):
         assert f"    prefetch {image}\n" in out
     assert len(machine.calls("docker", "run")) == runs
