@@ -168,9 +168,12 @@ class Lab:
             start = STATES.index(record.state) + 1 if resume else 1
             for name in STATES[start:STATES.index(target) + 1]:
                 rendered = STEPS[name].render(ctx)
+                # the shared image cache comes before `kind create` (lab/imagecache.py)
+                cache = imagecache.plan_lines(self.cfg, ctx.work_dir, cluster.index == 0) \
+                    if name == "cluster" else []
                 out.append({
                     "cluster": cluster.name, "step": name, "title": STEPS[name].title,
-                    "commands": [" ".join(c) for c in rendered.commands],
+                    "commands": [" ".join(c) for c in [*cache, *rendered.commands]],
                     "helm": [f"{h.release} ({h.chart} {h.version}) in {h.namespace}"
                              for h in rendered.helm],
                     "objects": [_describe(o) for o in rendered.objects],

@@ -154,9 +154,7 @@ class ClusterStep:
             create += ["--kubeconfig", ctx.kubeconfig]
         return Rendered(files={KIND_CONFIG_FILE: dump_yaml(kind_config(ctx)),
                                **imagecache.node_files(ctx.lab)},
-                        commands=[*imagecache.plan_lines(ctx.lab, ctx.work_dir,
-                                                         ctx.cluster.index == 0),
-                                  [*env, *create]])
+                        commands=[[*env, *create]])
 
     def _exists(self, ctx: StepContext) -> bool:
         res = _kind(ctx, ["get", "clusters"], "listing kind clusters", 60)
