@@ -98,6 +98,7 @@ class LabConfig:
     gateway_hosts: tuple[str, ...]
     clusters: tuple[ClusterConfig, ...]
     download_tools: bool = True
+    image_cache: bool = True  # the machine-wide pull-through cache (lab/imagecache.py)
 
     @property
     def is_mesh(self) -> bool:
@@ -207,6 +208,7 @@ TOP_KEYS = {
     "gatewayHosts": "host names served by the gateway under .localhost",
     "clusters": "the kind clusters of the lab",
     "downloadTools": "false forbids downloading pinned tools (report what to install instead)",
+    "imageCache": "false turns off the shared pull-through image cache and its prefetch",
 }
 VERSION_KEYS = {
     "kind": "kind release", "nodeImage": "kind node image, pinned by digest",
@@ -269,11 +271,12 @@ def parse_config(raw: Any, path: Path) -> LabConfig:
     if len(built) == len(raw_clusters):
         _check_clusters(r, built)
     download = r.get(top, "downloadTools", "", bool, default=True)
+    image_cache = r.get(top, "imageCache", "", bool, default=True)
     if r.problems:
         raise ConfigError(r.problems)
     return LabConfig(path=path, versions=versions, state_dir=state_dir, docker_network=network,
                      gateway_hosts=tuple(hosts), clusters=tuple(built),
-                     download_tools=bool(download))
+                     download_tools=bool(download), image_cache=bool(image_cache))
 
 
 def _check_versions(r: _Reader, v: Versions) -> None:

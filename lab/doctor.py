@@ -124,6 +124,7 @@ def run_checks(cfg: LabConfig, tools: Tools, *, proc_root: Path = Path("/"),
                  *_check_fedora(proc_root, facts, system)]
     if include_tools:
         findings += _check_tools(tools)
+    findings.append(_check_image_cache(cfg, tools, facts))
     return findings
 
 
@@ -784,6 +785,17 @@ def _check_fedora(proc_root: Path, facts: _Facts, system: str) -> list[Finding]:
         findings.append(Finding("selinux", "ok", "enforcing" if enforcing else
                                 "not enforcing or not present"))
     return findings
+
+
+def _check_image_cache(cfg: LabConfig, tools: Tools, facts: _Facts) -> Finding:
+    """The shared pull-through image cache (lab/imagecache.py): ours, running, or creatable."""
+    from lab import imagecache, logs
+
+    if cfg.image_cache and not facts.docker:
+        return Finding("image cache", "warn", "not checked: Docker is not reachable",
+                       "fix the docker daemon check first")
+    verdict, found, fix = imagecache.doctor_check(cfg, tools, logs.get("lab"))
+    return Finding("image cache", verdict, found, fix)
 
 
 def _check_tools(tools: Tools) -> list[Finding]:

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from lab import ca, logs
+from lab import ca, imagecache, logs
 from lab.bootstrap import lab_tools
 from lab.config import ClusterConfig, LabConfig
 from lab.errors import LabError
@@ -67,11 +67,22 @@ class Lab:
         before_mesh = "locked" if target == "meshed" else target
         if STATES.index(target) >= STATES.index("cni"):
             ca.load_or_create(self.cfg.state_dir)  # once, before clusters run in parallel
-        self._parallel(chosen, lambda c: self._up_cluster(c, before_mesh, resume))
-        if target == "meshed":
-            # Every earlier step was just converged: re-check and re-apply only `meshed`.
-            self._parallel(chosen, lambda c: self._up_cluster(c, "meshed", resume,
-                                                              from_state="meshed"))
+        # Warm the shared image cache while kind creates the clusters (never fails lab.up);
+        # clusters already at the target have every image they need.
+        behind = [c for c in chosen
+                  if STATES.index(self.store.load(c.name).state) < STATES.index(before_mesh)]
+        prefetch = imagecache.start_prefetch(self.cfg, lab_tools(self.cfg, self.log), self.log,
+                                             self.progress) \
+            if behind and STATES.index(target) > STATES.index("cluster") else None
+        try:
+            self._parallel(chosen, lambda c: self._up_cluster(c, before_mesh, resume))
+            if target == "meshed":
+                # Every earlier step was just converged: re-check and re-apply only `meshed`.
+                self._parallel(chosen, lambda c: self._up_cluster(c, "meshed", resume,
+                                                                  from_state="meshed"))
+        finally:
+            if prefetch is not None:
+                prefetch.finish()
 
     def _parallel(self, clusters: list[ClusterConfig],
                   work: Callable[[ClusterConfig], None]) -> None:
@@ -157,9 +168,12 @@ class Lab:
             start = STATES.index(record.state) + 1 if resume else 1
             for name in STATES[start:STATES.index(target) + 1]:
                 rendered = STEPS[name].render(ctx)
+                # the shared image cache comes before `kind create` (lab/imagecache.py)
+                cache = imagecache.plan_lines(self.cfg, ctx.work_dir, cluster.index == 0) \
+                    if name == "cluster" else []
                 out.append({
                     "cluster": cluster.name, "step": name, "title": STEPS[name].title,
-                    "commands": [" ".join(c) for c in rendered.commands],
+                    "commands": [" ".join(c) for c in [*cache, *rendered.commands]],
                     "helm": [f"{h.release} ({h.chart} {h.version}) in {h.namespace}"
                              for h in rendered.helm],
                     "objects": [_describe(o) for o in rendered.objects],
@@ -171,6 +185,8 @@ class Lab:
 
     def status(self, live: bool = True) -> list[dict[str, Any]]:
         rows = []
+        cache = imagecache.status(self.cfg, lab_tools(self.cfg, self.log), self.log) \
+            if live else {"enabled": self.cfg.image_cache}
         for cluster in self.cfg.clusters:
             record = self.store.load(cluster.name)
             row: dict[str, Any] = {
@@ -188,6 +204,7 @@ class Lab:
                 "durations": _durations(record),
                 "gates": {},
                 "interrupted": record.running.name if record.running else None,
+                "imageCache": cache,  # one cache per machine: the same in every row
             }
             if live and record.state != "absent":
                 ctx = self.context(cluster, record)

@@ -35,13 +35,13 @@ def _tasks() -> list[str]:
 def test_task_list_is_complete() -> None:
     assert set(_tasks()) == {"lab.up", "lab.mesh", "lab.down", "lab.status", "lab.render",
                              "lab.doctor", "lab.tools", "lab.hubble", "lab.trust",
-                             "lab.onboard", "lab.verify", "lab.map"}
+                             "lab.onboard", "lab.verify", "lab.map", "lab.cache"}
 
 
 @pytest.mark.parametrize("task", sorted({"lab.up", "lab.mesh", "lab.down", "lab.status",
                                          "lab.render", "lab.doctor", "lab.tools", "lab.hubble",
                                          "lab.trust", "lab.onboard", "lab.verify",
-                                         "lab.map"}))
+                                         "lab.map", "lab.cache"}))
 def test_every_option_has_help(task: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "invoke", "--help", task], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from lab import imagecache
 from lab.errors import LabError, ToolError
 from lab.kube import KubeError
 from lab.steps.base import Rendered, StepContext, Verdict, dump_yaml
@@ -125,7 +126,7 @@ def kind_config(ctx: StepContext) -> dict[str, Any]:
     nodes: list[dict[str, Any]] = [
         {"role": "control-plane", "image": image, "extraPortMappings": mappings}]
     nodes += [{"role": "worker", "image": image} for _ in range(c.workers)]
-    return {
+    cfg: dict[str, Any] = {
         "kind": "Cluster",
         "apiVersion": "kind.x-k8s.io/v1alpha4",
         "name": c.name,
@@ -137,6 +138,7 @@ def kind_config(ctx: StepContext) -> dict[str, Any]:
         },
         "nodes": nodes,
     }
+    return imagecache.configure_nodes(ctx.lab, ctx.work_dir, cfg)  # the shared image cache
 
 
 class ClusterStep:
@@ -150,7 +152,8 @@ class ClusterStep:
                   "--config", str(cfg_path)]
         if ctx.kubeconfig:
             create += ["--kubeconfig", ctx.kubeconfig]
-        return Rendered(files={KIND_CONFIG_FILE: dump_yaml(kind_config(ctx))},
+        return Rendered(files={KIND_CONFIG_FILE: dump_yaml(kind_config(ctx)),
+                               **imagecache.node_files(ctx.lab)},
                         commands=[[*env, *create]])
 
     def _exists(self, ctx: StepContext) -> bool:
@@ -165,6 +168,9 @@ class ClusterStep:
         ctx.tools.require("docker")
         rendered = self.render(ctx)
         cfg_path = ctx.write_file(KIND_CONFIG_FILE, rendered.files[KIND_CONFIG_FILE])
+        for rel, text in imagecache.node_files(ctx.lab).items():  # mounted by every node
+            ctx.write_file(rel, text)
+        imagecache.before_create(ctx.lab, ctx.tools, ctx.log)
         if self._exists(ctx) and self._adopt(ctx):
             self._created(ctx)
             export_for_user(ctx)
@@ -191,6 +197,7 @@ class ClusterStep:
             else:
                 self._forget_if_gone(ctx)
                 raise _failed(res, doing)
+        imagecache.after_create(ctx.lab, ctx.tools, ctx.log)
         self._created(ctx)
         ctx.reset_kube()
         export_for_user(ctx)

@@ -109,11 +109,12 @@ def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
 @task(help={
     "config": CONFIG_HELP,
     "cluster": "only this cluster (repeatable; default: every cluster of the lab)",
+    "purge": "also remove the machine's shared image cache and its volumes (every lab's)",
     "log_format": LOG_HELP,
 }, iterable=["cluster"])
 def down(c: Context, config: str | None = None, cluster: list[str] | None = None,
-         log_format: str | None = None) -> None:
-    """Delete the lab's kind clusters and their records."""
+         purge: bool = False, log_format: str | None = None) -> None:
+    """Delete the lab's kind clusters and their records (the shared image cache stays)."""
     cfg = _setup(config, log_format)
     lab = _lab(cfg)
     names = cluster or [cl.name for cl in cfg.clusters]
@@ -125,6 +126,10 @@ def down(c: Context, config: str | None = None, cluster: list[str] | None = None
         lab.progress = progress
         removed = _guard(lambda: lab.down(cluster or None))
     print(f"✓ removed {', '.join(removed)}")
+    if purge:
+        from lab.tasks.cache import purge_cache
+
+        purge_cache(cfg)
 
 
 @task(help={
@@ -207,6 +212,11 @@ def _print_status(rows: list[dict[str, Any]]) -> None:
                           "run `invoke lab.up --resume`")
         if row.get("configDrift"):
             console.print("  ! the config changed since the last `lab.up`; run it again")
+    if rows:
+        from lab.tasks.cache import cache_line
+
+        console.print(cache_line(rows[0].get("imageCache") or {}), soft_wrap=True,
+                      highlight=False)
 
 
 LIFECYCLE_TASKS = (up, mesh, down, status, render)

@@ -2027,7 +2027,8 @@ def docker_main(state: State, argv: list[str]) -> None:
         return
     cmd, args = rest[0], rest[1:]
     sub = None
-    if cmd in ("network", "container", "system") and args and not args[0].startswith("-"):
+    if cmd in ("network", "container", "system", "volume") and args and \
+            not args[0].startswith("-"):
         sub, args = args[0], args[1:]
     path = [cmd] + ([sub] if sub else [])
     keys = injection_keys("docker", path)
@@ -2038,8 +2039,11 @@ def docker_main(state: State, argv: list[str]) -> None:
     do_sleep(injected_sleep(state, keys))
     if cmd == "container":
         cmd = {"ls": "ps", "list": "ps", "inspect": "container-inspect", "exec": "exec",
-               "start": "start", "stop": "stop"}.get(sub or "", "container-" + (sub or ""))
-    if cmd == "version":
+               "start": "start", "stop": "stop", "run": "run", "rm": "rm"
+               }.get(sub or "", "container-" + (sub or ""))
+    if cmd in ("run", "rm", "volume") or (cmd == "network" and sub in ("connect", "disconnect")):
+        docker_standalone(state, cmd, sub, args)  # the image cache's registry containers
+    elif cmd == "version":
         docker_version(state, args)
     elif cmd == "info":
         docker_info(state, args)
@@ -2288,6 +2292,37 @@ def _ps_row(rec: dict[str, Any], no_trunc: bool) -> dict[str, Any]:
     }
 
 
+def _standalone_ps_rows(state: State, opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """`docker run` containers in `docker ps` (filters: name regex, status, label)."""
+    rows = []
+    for name, c in sorted((docker_state(state).get("standalone") or {}).items()):
+        if not (opts["all"] or c["running"]):
+            continue
+        keep = True
+        for flt in opts["filter"]:
+            k, _, v = flt.partition("=")
+            lk, eq, lv = v.partition("=")
+            keep = keep and (
+                (k == "name" and re.search(v, name) is not None)
+                or (k == "status" and ("running" if c["running"] else "exited") == v)
+                or (k == "label" and lk in c["labels"] and (not eq or c["labels"][lk] == lv)))
+        if not keep:
+            continue
+        labels = c["labels"]
+        rows.append({
+            "ID": c["id"][:12], "Image": c["image"], "Names": name,
+            "State": "running" if c["running"] else "exited",
+            "Status": "Up 1 minute" if c["running"] else "Exited (0) 1 second ago",
+            "Ports": ", ".join(f"127.0.0.1:{hp}->{cp}/tcp" for cp, hp in c["ports"].items())
+            if c["running"] else "",
+            "Labels": ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+            "Label": lambda key, labels=labels: labels.get(key, ""),
+            "Command": '"/entrypoint.sh /e…"', "RunningFor": "1 minute ago", "Size": "0B",
+            "CreatedAt": "2025-01-01 00:00:00 +0000 UTC", "Networks": ",".join(c["networks"]),
+            "Mounts": "", "LocalVolumes": "1"})
+    return rows
+
+
 def docker_ps(state: State, args: list[str]) -> None:
     try:
         opts, pos, _ = parse_flags(args, [F("all/a", "bool"), F("filter/f", "array"),
@@ -2323,6 +2358,7 @@ def docker_ps(state: State, args: list[str]) -> None:
     if names_f:
         recs = [r for r in recs if any(re.search(p, r["name"]) for p in names_f)]
     rows = [_ps_row(r, opts["no-trunc"]) for r in recs]
+    rows += _standalone_ps_rows(state, opts)
     if opts["quiet"]:
         for r in rows:
             out(r["ID"])
@@ -2335,6 +2371,121 @@ def docker_ps(state: State, args: list[str]) -> None:
             out(f"{r['ID']:<15}{r['Image'].split('@')[0]:<23}{r['Command']:<25}"
                 f"{r['RunningFor']:<17}{r['Status']:<16}{r['Ports']:<28}{r['Names']}")
     docker_apply_format(opts.get("format"), rows, table)
+
+
+# -- standalone containers (`docker run`), e.g. the lab's image cache ------------------------------
+# docker.json: "standalone" {name: {id, image, labels, env, volumes, ports, networks, running}},
+# "volumes" {name: {labels}}; "cachePorts" {name: host port} fixes a published port (default: a
+# free loopback port nobody listens on).
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def standalone_inspect_obj(name: str, c: dict[str, Any]) -> dict[str, Any]:
+    ports = {f"{cp}/tcp": [{"HostIp": "127.0.0.1", "HostPort": str(hp)}]
+             for cp, hp in c["ports"].items()}
+    return {
+        "Id": c["id"], "Name": "/" + name, "Image": "sha256:" + c["id"],
+        "State": {"Status": "running" if c["running"] else "exited",
+                  "Running": c["running"]},
+        "Config": {"Image": c["image"], "Labels": c["labels"], "Env": c["env"]},
+        "Mounts": [{"Type": "volume", "Name": v.split(":")[0],
+                    "Destination": v.split(":", 1)[1]} for v in c["volumes"]],
+        "NetworkSettings": {"Ports": ports if c["running"] else {},
+                            "Networks": {n: {} for n in c["networks"]}},
+    }
+
+
+def docker_standalone(state: State, cmd: str, sub: str | None, args: list[str]) -> None:
+    docker_require_up(state)
+    if cmd == "run":
+        try:
+            opts, pos, _ = parse_flags(args, [
+                F("detach/d", "bool"), F("name"), F("restart"), F("label/l", "array"),
+                F("env/e", "array"), F("volume/v", "array"), F("publish/p", "array"),
+                F("network")], interspersed=False)
+        except UsageError as e:
+            raise docker_usage_error("run", str(e)) from None
+        if not pos:
+            raise docker_usage_error("run", '"docker run" requires at least 1 argument.')
+    with state.locked():
+        d = docker_state(state)
+        cs = d.setdefault("standalone", {})
+        vols = d.setdefault("volumes", {})
+        if cmd == "run":
+            name = opts["name"]
+            if name in cs:
+                raise Exit(125, f'docker: Error response from daemon: Conflict. The container '
+                                f'name "/{name}" is already in use by container '
+                                f'"{cs[name]["id"]}". You have to remove (or rename) that '
+                                "container to be able to reuse that name.")
+            ports = {}
+            for spec in opts["publish"]:
+                cport = spec.rsplit(":", 1)[-1]
+                host = spec.split(":")[1] if spec.count(":") == 2 else ""
+                ports[cport] = int(host) if host else int(
+                    (d.get("cachePorts") or {}).get(name) or _free_port())
+            for v in opts["volume"]:
+                vols.setdefault(v.split(":")[0], {"labels": {}})
+            import hashlib
+
+            cid = hashlib.sha256(name.encode()).hexdigest()
+            cs[name] = {"id": cid, "image": pos[0],
+                        "labels": dict(lbl.partition("=")[::2] for lbl in opts["label"]),
+                        "env": opts["env"], "volumes": opts["volume"], "ports": ports,
+                        "networks": [opts.get("network") or "bridge"], "running": True}
+            out(cid)
+        elif cmd == "rm":
+            _, refs, _ = parse_flags(args, [F("force/f", "bool"), F("volumes/v", "bool")])
+            errors = [f"Error response from daemon: No such container: {r}"
+                      for r in refs if r not in cs]
+            for r in refs:
+                if cs.pop(r, None) is not None:
+                    out(r)
+            state.write("docker.json", d)
+            if errors:
+                raise Exit(1, "\n".join(errors))
+        elif cmd == "volume":
+            vopts, names, _ = parse_flags(args, [F("label", "array"), F("force/f", "bool"),
+                                                 F("format"), F("quiet/q", "bool")])
+            if sub == "create":
+                vols.setdefault(names[0], {"labels": dict(
+                    lbl.partition("=")[::2] for lbl in vopts["label"])})
+                out(names[0])
+            elif sub in ("rm", "remove"):
+                missing = [n for n in names if n not in vols]
+                for n in names:
+                    vols.pop(n, None)
+                state.write("docker.json", d)
+                if missing and not vopts["force"]:
+                    raise Exit(1, "\n".join(f"Error response from daemon: get {n}: no such "
+                                            "volume" for n in missing))
+            elif sub in ("ls", "list"):
+                for n in sorted(vols):
+                    out(n)
+            else:
+                raise Exit(1, f"docker: unknown command: docker volume {sub}")
+        else:  # network connect|disconnect NETWORK CONTAINER
+            _, pos, _ = parse_flags(args, [F("alias", "array"), F("force/f", "bool")])
+            net, name = pos[0], pos[1]
+            if net not in network_defs(state):
+                raise Exit(1, f"Error response from daemon: network {net} not found")
+            if name not in cs:
+                raise Exit(1, f"Error response from daemon: No such container: {name}")
+            nets = cs[name]["networks"]
+            if sub == "connect":
+                if net in nets:
+                    raise Exit(1, f"Error response from daemon: endpoint with name {name} "
+                                  f"already exists in network {net}")
+                nets.append(net)
+            elif net in nets:
+                nets.remove(net)
+        state.write("docker.json", d)
 
 
 def docker_find_container(state: State, ref: str) -> dict[str, Any] | None:
@@ -2357,7 +2508,11 @@ def docker_inspect(state: State, args: list[str], containers_only: bool) -> None
     nets = network_defs(state)
     typ = "container" if containers_only else opts.get("type")
     found, errors = [], []
+    standalone = docker_state(state).get("standalone") or {}
     for ref in refs:
+        if typ in (None, "container") and ref.lstrip("/") in standalone:
+            found.append(standalone_inspect_obj(ref.lstrip("/"), standalone[ref.lstrip("/")]))
+            continue
         rec = docker_find_container(state, ref) if typ in (None, "container") else None
         if rec is not None:
             found.append(container_inspect_obj(state, rec, nets.get(
@@ -2389,7 +2544,10 @@ def docker_exec(state: State, args: list[str]) -> None:
         raise docker_usage_error("exec", '"docker exec" requires at least 2 arguments.')
     docker_require_up(state)
     ref, command = pos[0], pos[1:]
-    rec = docker_find_container(state, ref)
+    standalone = (docker_state(state).get("standalone") or {}).get(ref)
+    rec = docker_find_container(state, ref) if standalone is None else {
+        "name": ref, "id": standalone["id"],
+        "state": "running" if standalone["running"] else "exited"}
     if rec is None:
         raise Exit(1, f"Error response from daemon: No such container: {ref}")
     if rec["state"] != "running":
@@ -2427,6 +2585,10 @@ def docker_start_stop(state: State, cmd: str, args: list[str]) -> None:
         d = docker_state(state)
         cs = d.setdefault("containers_state", {})
         for ref in refs:
+            if ref in (d.get("standalone") or {}):
+                d["standalone"][ref]["running"] = cmd in ("start", "restart")
+                out(ref)
+                continue
             rec = docker_find_container(state, ref)
             if rec is None:
                 errors.append(f"Error response from daemon: No such container: {ref}")
