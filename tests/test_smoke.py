@@ -71,11 +71,12 @@ def test_invoke_list_does_not_import_the_kubernetes_client() -> None:
 
 def test_task_modules_are_named_for_what_their_tasks_do() -> None:
     """lab/tasks/<module>.py holds exactly the tasks a user reaches for that kind of work."""
-    from lab.tasks import access, apps, checks, lifecycle, tools
+    from lab.tasks import access, apps, cache, checks, lifecycle, tools
 
     layout = {mod.__name__.rsplit(".", 1)[-1]: sorted(t.name for t in tasks) for mod, tasks in (
         (lifecycle, lifecycle.LIFECYCLE_TASKS), (tools, tools.TOOL_TASKS),
-        (access, access.ACCESS_TASKS), (apps, apps.APP_TASKS), (checks, checks.CHECK_TASKS))}
+        (access, access.ACCESS_TASKS), (apps, apps.APP_TASKS), (checks, checks.CHECK_TASKS),
+        (cache, cache.CACHE_TASKS))}
     assert layout == {"lifecycle": ["down", "mesh", "render", "status", "up"],
                       "tools": ["doctor", "tools"], "access": ["hubble", "trust"],
-                      "apps": ["onboard"], "checks": ["map", "verify"]}
+                      "apps": ["onboard"], "checks": ["map", "verify"], "cache": ["cache"]}

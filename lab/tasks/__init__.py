@@ -5,6 +5,7 @@
 - access: trust, hubble
 - apps: onboard
 - checks: verify, map
+- cache: cache (the shared image cache)
 - cache: cache (the machine's shared image cache)
 
 Task modules import heavy dependencies (the kubernetes client, rich) on use, so that
