@@ -22,7 +22,8 @@ from lab.errors import LabError
 class Progress:
     def __init__(self, stream: TextIO | None = None, live: bool | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.live = self.stream.isatty() if live is None else live
+        # JSON logs (asked for on a terminal) stay whole lines: no live spinner between them.
+        self.live = self.stream.isatty() and not logs.json_mode() if live is None else live
         self.color = self.live and not logs.no_color()
         self._lock = threading.Lock()
         self._active: dict[str, tuple[str, float]] = {}

@@ -206,22 +206,30 @@ def _print_status(cfg: LabConfig, rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console = Console(no_color=logs.no_color() or not sys.stdout.isatty())
+    tty = sys.stdout.isatty()
+    console = Console(no_color=logs.no_color() or not tty)
+
+    def say(text: str, indent: int = 0) -> None:
+        """Folded at word boundaries, indented, on a terminal; one line each in a pipe."""
+        if tty:
+            console.print(Padding(Text.from_markup(text), (0, 0, 0, indent)))
+        else:
+            print(" " * indent + Text.from_markup(text).plain)
+
     for row in rows:
         a = row["allocation"]
         # The title is printed on its own: as a table title it would wrap at the table's width.
-        console.print(f"[bold]{row['cluster']}[/bold] — state [bold]{row['state']}[/bold]")
-        console.print(Padding(Text(
-            f"id {a['id']}, pods {a['podCIDR']}, services {a['serviceCIDR']}, "
+        say(f"[bold]{row['cluster']}[/bold] — state [bold]{row['state']}[/bold]")
+        say(f"id {a['id']}, pods {a['podCIDR']}, services {a['serviceCIDR']}, "
             f"pool {a['lbPool'] or 'derived at apply'}, "
             f"http {a['httpHostPort']}→{a['httpNodePort']}, "
             f"https {a['httpsHostPort']}→{a['httpsNodePort']}, "
-            f"clustermesh {a['clustermeshNodePort']}"), (0, 0, 0, 2)))
+            f"clustermesh {a['clustermeshNodePort']}", 2)
         if row["state"] == "absent" and not row["gates"]:
             start = "invoke lab.mesh" if cfg.is_mesh else "invoke lab.up"
             if cfg.path != resolve_config_path(None):  # the config a bare command reads
                 start += f" --config {cfg.path}"
-            console.print(f"  no cluster yet: `{start}` creates it", highlight=False)
+            say(f"no cluster yet: `{start}` creates it", 2)
             continue
         table = Table()
         table.add_column("gate")
