@@ -37,7 +37,7 @@ UP_HELP = {
     "config": CONFIG_HELP,
     "to": "stop at this state: cluster, cni, gateway, certs, locked, meshed",
     "resume": "trust the record: re-probe completed steps, step back on drift, continue",
-    "dry_run": "print the plan (steps, commands, objects) and change nothing",
+    "dry_run": "print what would run, in order (tool commands, API operations); change nothing",
     "cluster": "only this cluster (repeatable; default: all)",
     "skip_doctor": "skip the preflight checks (experts; logged)",
     "no_download": "never download pinned tools; report what to install instead",
