@@ -430,8 +430,10 @@ class LockedStep:
         return Rendered(files={"locked/policies.yaml": dump_yaml(policies),
                                "locked/probes.yaml": dump_yaml(probe_objects())},
                         objects=[*policies, *probe_objects()],
-                        # as `apply` runs: allowances first, the baseline last, then the probes
-                        commands=applied(*reversed(policies), *probe_objects()))
+                        # as `apply` runs: the probes' namespaces, allowances first and the
+                        # baseline last, then every probe object (their namespaces re-applied)
+                        commands=applied(*(o for o in probe_objects() if o["kind"] == "Namespace"),
+                                         *reversed(policies), *probe_objects()))
 
     # -- apply ------------------------------------------------------------------------------------
 
