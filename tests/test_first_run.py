@@ -301,9 +301,8 @@ def test_down_with_nothing_to_delete_only_asks_kind(lab_env: LabEnv) -> None:
 
 
 def test_no_cluster_lock_is_left_behind(lab_env: LabEnv) -> None:
-    for args in (["lab.up", "--dry-run"], ["lab.status"], ["lab.render"]):
-        lab_env.run(*args)
-        assert locks(lab_env) == [], args
+    lab_env.run("lab.up", "--dry-run")
+    assert locks(lab_env) == []
     lab_env.run("lab.up", "--to", "cluster")
     lab_env.run("lab.down")
     assert [p for p in locks(lab_env) if "clusters" in p] == []
