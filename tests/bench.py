@@ -82,12 +82,14 @@ def _measure(runs: int) -> tuple[dict[str, list[float]], list[str]]:
             env=lab.env())
         results["converged lab.up --to cluster (re-apply)"] = _time(
             lab.command("lab.up", "--to", "cluster"), runs, cwd=root, env=lab.env())
-    from tests.support.upstream import ENV_VAR, upstream_dir
+    from tests.support import deps
 
-    if upstream_dir() is None:
+    deps.prepare_upstream()  # where the folder is absent, fetch the pinned files (online)
+    try:
+        deps.require_upstream()
+    except deps.Missing as missing:
         # The simulated lab installs the pinned Gateway API CRDs from that folder (no network).
-        skipped.append(f"{'simulated lab figures':<44} skipped: they need the pinned upstream "
-                       f"folder (../shared/upstream next to the repo, or set {ENV_VAR})")
+        skipped.append(f"{'simulated lab figures':<44} skipped: {missing.reason}")
         return results, skipped
     with tempfile.TemporaryDirectory() as tmp:
         from tests.support.simcluster import sim_lab
