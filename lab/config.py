@@ -175,6 +175,7 @@ GATE_TIMEOUT_ENV = "LAB_GATE_TIMEOUT"
 KUBECONFIG_ENV = "LAB_KUBECONFIG"
 NO_DOWNLOAD_ENV = "LAB_NO_DOWNLOAD"
 SKIP_DOCTOR_ENV = "LAB_SKIP_DOCTOR"
+TOOLS_DIR_ENV = "LAB_TOOLS_DIR"
 
 
 def _env_error(name: str, value: str, expected: str, fix: str) -> LabError:
@@ -219,12 +220,23 @@ def kubeconfig_from_env() -> str | None:
     return raw
 
 
+def tools_dir_from_env() -> str | None:
+    """``LAB_TOOLS_DIR``: where pinned tools are installed and looked up (lab.bootstrap)."""
+    raw = os.environ.get(TOOLS_DIR_ENV, "")
+    if not raw.strip():
+        return None
+    if Path(raw).expanduser().exists() and not Path(raw).expanduser().is_dir():
+        raise _env_error(TOOLS_DIR_ENV, raw, "a directory (it is a file)",
+                         f"point it at a directory, e.g. {TOOLS_DIR_ENV}=$HOME/.cache/lab-tools")
+    return raw
+
+
 def check_environment() -> None:
     """Every variable README "Environment" lists, read once up front: a bad value is refused
     before any side effect (LAB_LOG_FORMAT and LAB_LOG_LEVEL are checked by lab.logs, NO_COLOR
     takes any value, LAB_CONFIG by load_config)."""
     problems: list[LabError] = []
-    for check in (gate_timeout_from_env, kubeconfig_from_env,
+    for check in (gate_timeout_from_env, kubeconfig_from_env, tools_dir_from_env,
                   lambda: env_flag(NO_DOWNLOAD_ENV), lambda: env_flag(SKIP_DOCTOR_ENV)):
         try:
             check()

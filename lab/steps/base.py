@@ -114,13 +114,16 @@ def applied(*objs: Obj) -> list[list[str]]:
 def helm_upgrade_command(ctx: StepContext, release: HelmRelease,
                          secret_values: bool = False) -> list[str]:
     """`helm upgrade --install` exactly as lab.helm.ensure_release runs it for ``release``."""
+    from lab.helm import HELM_TIMEOUT  # lab.helm imports this module
+
     args = ["helm", "upgrade", "--install", release.release, release.chart,
             "--version", release.version, "--namespace", release.namespace,
             "--create-namespace", "--values", str(ctx.work_dir / release.values_file)]
     if secret_values:
         args += ["--values", str(ctx.work_dir / f"helm/{release.release}.secret.values.yaml")]
     args += ["--reset-values", "--kube-context", ctx.cluster.kube_context]
-    return args + (["--kubeconfig", ctx.kubeconfig] if ctx.kubeconfig else [])
+    args += ["--kubeconfig", ctx.kubeconfig] if ctx.kubeconfig else []
+    return [*args, "--timeout", HELM_TIMEOUT]
 
 
 @dataclass

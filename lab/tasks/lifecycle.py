@@ -195,7 +195,8 @@ def _print_plan(plan: list[dict[str, Any]]) -> None:
         print(f"{item['cluster']}: {item['step']} — {item['title']}")
         for action in item["actions"]:
             # tool commands run as shown; the rest are API operations described in words
-            shell = action.split()[0] in ("kind", "helm", "docker")
+            program = next(w for w in action.split() if "=" not in w)  # after VAR=value
+            shell = program in ("kind", "helm", "docker")
             print(f"    {'$ ' if shell else ''}{action}")
     print("(dry run: nothing was changed)")
 
