@@ -12,7 +12,7 @@ from invoke.exceptions import Exit
 
 from lab import logs
 from lab.config import CONFIG_ENV, LabConfig, check_environment, load_config
-from lab.errors import LabError
+from lab.errors import Interrupted, LabError
 
 T = TypeVar("T")
 
@@ -40,7 +40,7 @@ def guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except LabError as exc:
-        fail(exc)
+        fail(exc, code=130 if isinstance(exc, Interrupted) else 1)
     except KeyboardInterrupt:
         fail(LabError("interrupted", "run `invoke lab.up --resume` to continue"), code=130)
 
