@@ -2,19 +2,37 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
 
 from invoke.exceptions import Exit
 
 from lab import logs
-from lab.config import CONFIG_ENV, LabConfig, load_config
-from lab.errors import LabError
+from lab.config import CONFIG_ENV, LabConfig, check_environment, load_config
+from lab.errors import Interrupted, LabError
 
 T = TypeVar("T")
 
 CONFIG_HELP = f"lab config file (default: ${CONFIG_ENV} or config/lab.yaml)"
 LOG_HELP = "log format: json or console (default: console on a TTY, JSON otherwise)"
+LEVEL_HELP = ("log level: debug, info, warning, error (default: warning on a terminal, "
+              "info otherwise; $LAB_LOG_LEVEL)")
+VERBOSE_HELP = "show the log events (level info) on a terminal too"
+
+
+def fail(exc: LabError, code: int = 1) -> NoReturn:
+    """Say the error once: one JSON event when logs are JSON, else the ✗ / → lines."""
+    if logs.json_mode():
+        logs.get("lab").error("failed", error=exc.message,
+                              **({"hint": exc.hint} if exc.hint else {}))
+    else:
+        from lab.ui import print_error
+
+        print_error(exc)
+    raise Exit(code=code)
 
 
 def guard(fn: Callable[[], T]) -> T:
@@ -22,12 +40,32 @@ def guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except LabError as exc:
-        logs.get("lab").error("failed", error=exc.message.splitlines()[0])
-        raise Exit(f"✗ {exc}", code=1) from None
+        fail(exc, code=130 if isinstance(exc, Interrupted) else 1)
     except KeyboardInterrupt:
-        raise Exit("✗ interrupted; run `invoke lab.up --resume` to continue", code=130) from None
+        fail(LabError("interrupted", "run `invoke lab.up --resume` to continue"), code=130)
 
 
-def setup(config: str | None, log_format: str | None) -> LabConfig:
-    logs.configure(log_format)
+def setup(config: str | None, log_format: str | None, log_level: str | None = None,
+          verbose: bool = False) -> LabConfig:
+    """Logging, the environment, then the config: each refused with what to change, before any
+    side effect."""
+    try:
+        logs.configure(log_format, log_level, verbose=verbose)
+    except LabError as exc:
+        logs.configure("json" if not sys.stderr.isatty() else "console", "info")
+        fail(exc)
+    guard(check_environment)
     return guard(lambda: load_config(config))
+
+
+@contextmanager
+def output() -> Iterator[None]:
+    """Printing to a reader that stops early (`invoke lab.up --dry-run | head`) ends quietly."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would complain again when flushing stdout at exit: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise Exit(code=0) from None

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from lab.errors import ConfigError, ConfigProblem
+from lab.errors import ConfigError, ConfigProblem, LabError
 
 DEFAULT_CONFIG = Path("config/lab.yaml")
 CONFIG_ENV = "LAB_CONFIG"
@@ -39,6 +39,24 @@ BASE_HTTP_NODEPORT = 30080
 BASE_HTTPS_NODEPORT = 30443
 BASE_CLUSTERMESH_NODEPORT = 32379
 PORT_STRIDE = 100  # cluster i: 30080+100i, 30443+100i
+
+# What a config that leaves `versions` (or any key of it) out gets: the releases this lab is built
+# and tested for (README "Config reference"). nodeImage is kind v0.29.0's default node image
+# (kind pkg/apis/config/defaults/image.go at v0.29.0).
+DEFAULT_VERSIONS = {
+    "kind": "v0.29.0",
+    "nodeImage": "kindest/node:v1.33.1@sha256:"
+                 "050072256b9a903bd914c0b2866828150cb229cea0efe5892e2b644d5dd3b34f",
+    "helm": "v3.19.0",
+    "cilium": "1.18.4",
+    "ciliumCLI": "v0.18.9",
+    "gatewayAPI": "v1.4.0",
+    "certManager": "v1.19.0",
+}
+DEFAULT_STATE_DIR = ".lab"
+DEFAULT_DOCKER_NETWORK = "kind"
+DEFAULT_GATEWAY_HOSTS = ("echo",)
+DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -136,14 +154,100 @@ def load_config(path: str | os.PathLike[str] | None = None) -> LabConfig:
     """Read, allocate and validate. Raises ConfigError listing every problem found."""
     cfg_path = resolve_config_path(path)
     if not cfg_path.is_file():
-        raise ConfigError([ConfigProblem(str(cfg_path), "", "file not found",
-                                         f"pass --config PATH or set {CONFIG_ENV}")])
+        origin = ("--config" if path else f"{CONFIG_ENV}" if os.environ.get(CONFIG_ENV)
+                  else "the default config path")
+        what = "is a directory" if cfg_path.is_dir() else "file not found"
+        raise ConfigError([ConfigProblem(str(cfg_path), "", f"{what} (from {origin})",
+                                         f"pass --config PATH to a lab config file, or set "
+                                         f"{CONFIG_ENV}; config/lab.yaml is the shipped one")])
     try:
         raw = yaml.safe_load(cfg_path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigProblem(str(cfg_path), "", f"not valid YAML: {exc}",
                                          "fix the YAML syntax")]) from exc
     return parse_config(raw, cfg_path)
+
+
+# --- environment (README "Environment") -----------------------------------------------------------
+
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+GATE_TIMEOUT_ENV = "LAB_GATE_TIMEOUT"
+KUBECONFIG_ENV = "LAB_KUBECONFIG"
+NO_DOWNLOAD_ENV = "LAB_NO_DOWNLOAD"
+SKIP_DOCTOR_ENV = "LAB_SKIP_DOCTOR"
+TOOLS_DIR_ENV = "LAB_TOOLS_DIR"
+
+
+def _env_error(name: str, value: str, expected: str, fix: str) -> LabError:
+    return LabError(f"environment variable {name}={value!r} is not {expected}",
+                    f"{fix}, or unset it (`unset {name}`)")
+
+
+def env_flag(name: str) -> bool:
+    """A yes/no variable: 1/true/yes/on or 0/false/no/off (any case); unset or empty is off."""
+    raw = os.environ.get(name, "")
+    word = raw.strip().lower()
+    if word in ("", *FALSE_WORDS):
+        return False
+    if word in TRUE_WORDS:
+        return True
+    raise _env_error(name, raw, "a yes/no value", f"set {name}=1 to switch it on or {name}=0")
+
+
+def gate_timeout_from_env() -> float | None:
+    """``LAB_GATE_TIMEOUT``: seconds every gate may wait (a positive number); None when unset."""
+    raw = os.environ.get(GATE_TIMEOUT_ENV, "")
+    if not raw.strip():
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise _env_error(GATE_TIMEOUT_ENV, raw, "a positive number of seconds",
+                         f"set it to the seconds each gate may wait, e.g. {GATE_TIMEOUT_ENV}=600")
+    return seconds
+
+
+def kubeconfig_from_env() -> str | None:
+    """``LAB_KUBECONFIG``: the kubeconfig file kind writes and the lab reads (default: kind's)."""
+    raw = os.environ.get(KUBECONFIG_ENV, "")
+    if not raw.strip():
+        return None
+    if Path(raw).is_dir():
+        raise _env_error(KUBECONFIG_ENV, raw, "a file (it is a directory)",
+                         f"point it at a kubeconfig file, e.g. {KUBECONFIG_ENV}=$HOME/.kube/lab")
+    return raw
+
+
+def tools_dir_from_env() -> str | None:
+    """``LAB_TOOLS_DIR``: where pinned tools are installed and looked up (lab.bootstrap)."""
+    raw = os.environ.get(TOOLS_DIR_ENV, "")
+    if not raw.strip():
+        return None
+    if Path(raw).expanduser().exists() and not Path(raw).expanduser().is_dir():
+        raise _env_error(TOOLS_DIR_ENV, raw, "a directory (it is a file)",
+                         f"point it at a directory, e.g. {TOOLS_DIR_ENV}=$HOME/.cache/lab-tools")
+    return raw
+
+
+def check_environment() -> None:
+    """Every variable README "Environment" lists, read once up front: a bad value is refused
+    before any side effect (LAB_LOG_FORMAT and LAB_LOG_LEVEL are checked by lab.logs, NO_COLOR
+    takes any value, LAB_CONFIG by load_config)."""
+    problems: list[LabError] = []
+    for check in (gate_timeout_from_env, kubeconfig_from_env, tools_dir_from_env,
+                  lambda: env_flag(NO_DOWNLOAD_ENV), lambda: env_flag(SKIP_DOCTOR_ENV)):
+        try:
+            check()
+        except LabError as exc:
+            problems.append(exc)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise LabError("\n".join(p.message for p in problems),
+                       "\n    ".join(p.hint for p in problems))
 
 
 # --- parsing -------------------------------------------------------------------------------------
@@ -173,11 +277,13 @@ class _Reader:
         return value
 
     def get(self, data: dict[str, Any], key: str, where: str, kind: type | tuple[type, ...],
-            default: Any = None, required: bool = False) -> Any:
+            default: Any = None, required: bool | str = False) -> Any:
+        """``required``: True, or the fix to print when the key is missing."""
         path = f"{where}.{key}" if where else key
         if key not in data or data[key] is None:
             if required:
-                self.problem(path, "is required", "add it")
+                self.problem(path, "is required", required if isinstance(required, str)
+                             else "add it")
             return default
         value = data[key]
         # bool is an int in Python; a port of `true` is a type error, not 1.
@@ -238,31 +344,31 @@ def parse_config(raw: Any, path: Path) -> LabConfig:
     top = r.mapping(raw, "", TOP_KEYS)
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(r.problems)
-    api_version = r.get(top, "apiVersion", "", str, required=True)
+    api_version = r.get(top, "apiVersion", "", str, required=f"add `apiVersion: {API_VERSION}`")
     if api_version is not None and api_version != API_VERSION:
         r.problem("apiVersion", f"unsupported format {api_version!r}",
                   f"set apiVersion: {API_VERSION}")
 
     v = r.mapping(top.get("versions"), "versions", VERSION_KEYS)
-    if "versions" not in top:
-        r.problem("versions", "is required", "add the pinned versions (see config/lab.yaml)")
-    ver = {k: r.get(v, k, "versions", str, required=True) or "" for k in VERSION_KEYS}
+    ver = {k: r.get(v, k, "versions", str, default=DEFAULT_VERSIONS[k]) or ""
+           for k in VERSION_KEYS}
     versions = Versions(kind=ver["kind"], node_image=ver["nodeImage"], helm=ver["helm"],
                         cilium=ver["cilium"], cilium_cli=ver["ciliumCLI"],
                         gateway_api=ver["gatewayAPI"], cert_manager=ver["certManager"])
     _check_versions(r, versions)
 
-    state_dir = Path(r.get(top, "stateDir", "", str, default=".lab"))
+    state_dir = Path(r.get(top, "stateDir", "", str, default=DEFAULT_STATE_DIR))
     if not state_dir.is_absolute():
         state_dir = Path.cwd() / state_dir
-    network = r.get(top, "dockerNetwork", "", str, default="kind")
-    hosts = r.get(top, "gatewayHosts", "", list, default=["echo"])
+    network = r.get(top, "dockerNetwork", "", str, default=DEFAULT_DOCKER_NETWORK)
+    hosts = r.get(top, "gatewayHosts", "", list, default=list(DEFAULT_GATEWAY_HOSTS))
     for i, h in enumerate(hosts):
         if not isinstance(h, str) or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", h):
             r.problem(f"gatewayHosts[{i}]", f"{h!r} is not a DNS label",
                       "use lowercase letters, digits and dashes (the lab serves <label>.localhost)")
 
-    raw_clusters = r.get(top, "clusters", "", list, required=True) or []
+    raw_clusters = r.get(top, "clusters", "", list,
+                         required="add at least one cluster, e.g. `clusters: [{name: lab}]`") or []
     if "clusters" in top and not raw_clusters and isinstance(top.get("clusters"), list):
         r.problem("clusters", "is empty", "declare at least one cluster")
     alloc = _Allocator(raw_clusters)
@@ -374,7 +480,8 @@ def _parse_cluster(r: _Reader, raw: Any, i: int, alloc: _Allocator) -> ClusterCo
     c = r.mapping(raw, where, CLUSTER_KEYS)
     if not isinstance(raw, dict):
         return None
-    name = r.get(c, "name", where, str, required=True) or ""
+    name = r.get(c, "name", where, str,
+                 required="add `name:` (lowercase letters, digits, dashes)") or ""
     if name:
         if len(name) > CLUSTER_NAME_MAX or not CLUSTER_NAME_RE.match(name):
             r.problem(f"{where}.name", f"{name!r} is not a valid cluster name",
@@ -410,7 +517,7 @@ def _parse_cluster(r: _Reader, raw: Any, i: int, alloc: _Allocator) -> ClusterCo
         http_node_port=http_np, https_node_port=https_np,
         http_host_port=_int_field(r, g, "httpHostPort", gw, http_np),
         https_host_port=_int_field(r, g, "httpsHostPort", gw, https_np),
-        listen_address=r.get(g, "listenAddress", gw, str, default="127.0.0.1"),
+        listen_address=r.get(g, "listenAddress", gw, str, default=DEFAULT_LISTEN_ADDRESS),
     )
     m = r.mapping(c.get("clustermesh"), f"{where}.clustermesh", MESH_KEYS)
     mesh_np = _int_field(r, m, "apiserverNodePort", f"{where}.clustermesh",

@@ -14,31 +14,75 @@ from typing import Any, TextIO
 
 import structlog
 
+from lab.errors import LabError
+
 Logger = Any  # structlog's BoundLogger is a lazy proxy; typed loosely on purpose
 
+FORMAT_ENV = "LAB_LOG_FORMAT"
+LEVEL_ENV = "LAB_LOG_LEVEL"
+FORMATS = ("json", "console")
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
 _configured = False
+_json = False
 
 
 def wants_json(log_format: str | None, stream: TextIO) -> bool:
-    if log_format in ("json", "console"):
+    if log_format in FORMATS:
         return log_format == "json"
     return not stream.isatty()
 
 
-def configure(log_format: str | None = None, level: str | None = None,
-              stream: TextIO | None = None) -> None:
-    """Idempotent. ``log_format``: json | console | None (auto: console only on a TTY)."""
-    global _configured
+def json_mode() -> bool:
+    """True when log lines are JSON (not a TTY, or asked): errors are then one JSON event."""
+    return _json
+
+
+def _choice(value: str | None, name: str, choices: tuple[str, ...]) -> str | None:
+    """A flag's value, else the variable's; None when neither is set. LabError when unknown."""
+    env = os.environ.get(name, "")
+    if value is None and not env.strip():
+        return None
+    word = (value if value is not None else env).strip().lower()
+    if word in choices:
+        return word
+    flag = "--" + name.removeprefix("LAB_").lower().replace("_", "-")
+    said = f"{flag} {value!r}" if value is not None else f"{name}={env!r}"
+    raise LabError(f"unknown log {name.rsplit('_', 1)[-1].lower()} in {said}",
+                   f"use one of: {', '.join(choices)} (`{flag} {choices[0]}` or "
+                   f"`export {name}={choices[0]}`), or leave it unset")
+
+
+def settings(log_format: str | None = None, level: str | None = None, verbose: bool = False,
+             stream: TextIO | None = None) -> tuple[bool, str]:
+    """(JSON?, level) from the flags, then LAB_LOG_FORMAT / LAB_LOG_LEVEL. LabError if unknown.
+
+    Default level: on a TTY with the console format the user watches status lines, so events at
+    INFO and below stay out of the way unless asked (``-v``, ``--log-level``); everywhere else
+    (CI, pipes, JSON) INFO.
+    """
     out = stream or sys.stderr
-    level_name = (level or os.environ.get("LAB_LOG_LEVEL") or "info").upper()
-    numeric = getattr(logging, level_name, logging.INFO)
-    use_json = wants_json(log_format or os.environ.get("LAB_LOG_FORMAT"), out)
+    use_json = wants_json(_choice(log_format, FORMAT_ENV, FORMATS), out)
+    chosen = _choice(level, LEVEL_ENV, LEVELS)
+    if chosen is None:
+        chosen = "info" if verbose or use_json or not out.isatty() else "warning"
+    return use_json, chosen
+
+
+def configure(log_format: str | None = None, level: str | None = None,
+              stream: TextIO | None = None, verbose: bool = False) -> None:
+    """Idempotent. ``log_format``: json | console | None (auto: console only on a TTY).
+    Raises LabError (before changing anything) for an unknown format or level."""
+    global _configured, _json
+    out = stream or sys.stderr
+    use_json, level_name = settings(log_format, level, verbose, out)
+    numeric = getattr(logging, level_name.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any = (structlog.processors.JSONRenderer() if use_json else
+    renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=False) if use_json else
                      structlog.dev.ConsoleRenderer(colors=_colors(out)))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
@@ -64,6 +108,7 @@ def configure(log_format: str | None = None, level: str | None = None,
     for name in ("kubernetes", "urllib3", "transitions"):
         logging.getLogger(name).setLevel(numeric if numeric <= logging.DEBUG else logging.WARNING)
     _configured = True
+    _json = use_json
 
 
 class _RedirectableHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -84,13 +129,21 @@ def redirect(stream: Any) -> None:
                 h.setStream(stream)
 
 
+def no_color() -> bool:
+    """NO_COLOR (no-color.org): present and not empty, whatever its value, turns colour off."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
 def _colors(stream: TextIO) -> bool:
-    return stream.isatty() and "NO_COLOR" not in os.environ
+    return stream.isatty() and not no_color()
 
 
 def get(name: str = "lab") -> Logger:
     if not _configured:
-        configure()
+        try:
+            configure()
+        except LabError:  # a bad LAB_LOG_* is reported by the task that reads it (lab.cli)
+            configure("json" if not sys.stderr.isatty() else "console", "info")
     return structlog.get_logger(name)
 
 

@@ -63,7 +63,7 @@ class Lab:
            clusters: list[str] | None = None) -> None:
         target = target or default_target(self.cfg)
         check_target(self.cfg, target)
-        chosen = [self.cfg.cluster(n) for n in clusters] if clusters else list(self.cfg.clusters)
+        chosen = self.chosen(clusters)
         before_mesh = "locked" if target == "meshed" else target
         if STATES.index(target) >= STATES.index("cni"):
             ca.load_or_create(self.cfg.state_dir)  # once, before clusters run in parallel
@@ -157,28 +157,49 @@ class Lab:
 
     # -- plan (--dry-run) ------------------------------------------------------------------------
 
-    def plan(self, target: str | None = None, resume: bool = False) -> list[dict[str, Any]]:
-        """What `lab.up` would do, from the records alone. Changes nothing."""
+    def chosen(self, clusters: list[str] | None) -> list[ClusterConfig]:
+        """The clusters named by --cluster (LabError for an unknown one, before anything runs)."""
+        known = {c.name: c for c in self.cfg.clusters}
+        unknown = [n for n in clusters or [] if n not in known]
+        if unknown:
+            raise LabError(f"--cluster {', '.join(map(repr, unknown))}: {self.cfg.path} has no "
+                           f"such cluster", f"use one of: {', '.join(known)} (or leave "
+                           "--cluster out for every cluster)")
+        return [known[n] for n in clusters] if clusters else list(self.cfg.clusters)
+
+    def plan(self, target: str | None = None, resume: bool = False,
+             clusters: list[str] | None = None) -> list[dict[str, Any]]:
+        """What `lab.up` would do, in the order it would do it, from the records alone.
+
+        As in `up`: every chosen cluster up to the state before `meshed`, then `meshed` for each.
+        Within a step, ``actions`` are tool commands and API operations in the order `apply`
+        runs them (each step's `render` lists them so). Changes nothing.
+        """
         target = target or default_target(self.cfg)
         check_target(self.cfg, target)
+        chosen = self.chosen(clusters)
+        before_mesh = "locked" if target == "meshed" else target
+        phases = [(c, s) for c in chosen for s in STATES[1:STATES.index(before_mesh) + 1]]
+        if target == "meshed":
+            phases += [(c, "meshed") for c in chosen]
         out: list[dict[str, Any]] = []
-        for cluster in self.cfg.clusters:
-            record = self.store.load(cluster.name)
+        records = {c.name: self.store.load(c.name) for c in chosen}
+        for cluster, name in phases:
+            record = records[cluster.name]
+            if resume and STATES.index(name) <= STATES.index(record.state):
+                continue  # --resume trusts the record (and re-probes it)
             ctx = self.context(cluster, record, dry_run=True)
-            start = STATES.index(record.state) + 1 if resume else 1
-            for name in STATES[start:STATES.index(target) + 1]:
-                rendered = STEPS[name].render(ctx)
-                # the shared image cache comes before `kind create` (lab/imagecache.py)
-                cache = imagecache.plan_lines(self.cfg, ctx.work_dir, cluster.index == 0) \
-                    if name == "cluster" else []
-                out.append({
-                    "cluster": cluster.name, "step": name, "title": STEPS[name].title,
-                    "commands": [" ".join(c) for c in [*cache, *rendered.commands]],
-                    "helm": [f"{h.release} ({h.chart} {h.version}) in {h.namespace}"
-                             for h in rendered.helm],
-                    "objects": [_describe(o) for o in rendered.objects],
-                    "files": sorted(rendered.files),
-                })
+            rendered = STEPS[name].render(ctx)
+            # the shared image cache comes before `kind create` (lab/imagecache.py)
+            cache = imagecache.plan_lines(self.cfg, ctx.work_dir, cluster.index == 0) \
+                if name == "cluster" else []
+            out.append({
+                "cluster": cluster.name, "step": name, "title": STEPS[name].title,
+                "actions": [" ".join(c) for c in [*cache, *rendered.commands]],
+                "helm": [f"{h.release} ({h.chart} {h.version}) in {h.namespace}"
+                         for h in rendered.helm],
+                "files": sorted(rendered.files),
+            })
         return out
 
     # -- status ----------------------------------------------------------------------------------
@@ -242,10 +263,14 @@ class Lab:
 
     # -- down ------------------------------------------------------------------------------------
 
-    def down(self, clusters: list[str] | None = None) -> list[str]:
-        chosen = [self.cfg.cluster(n) for n in clusters] if clusters else list(self.cfg.clusters)
-        removed = []
+    def down(self, clusters: list[str] | None = None) -> tuple[list[str], list[str]]:
+        """Delete the chosen clusters and their records: (removed, absent — nothing to delete)."""
+        chosen = self.chosen(clusters)
+        removed, absent = [], []
         for cluster in chosen:
+            if not self.store.exists(cluster.name) and not self._kind_has(cluster):
+                absent.append(cluster.name)
+                continue
             with self._bound(cluster.name), self.store.lock(cluster.name, "lab.down"):
                 ctx = self.context(cluster)
                 with self.progress.step(cluster.name, "delete kind cluster"):
@@ -253,23 +278,29 @@ class Lab:
                                           f"deleting kind cluster {cluster.name!r}")
                 self.store.remove(cluster.name)
                 shutil.rmtree(ctx.work_dir, ignore_errors=True)
+                # Nothing is left to guard: drop the lock file too (unlinked while held).
+                (self.store.clusters_dir / f"{cluster.name}.lock").unlink(missing_ok=True)
                 removed.append(cluster.name)
         # The clusters that stay drop the removed ones from their mesh peers.
         for cluster in self.cfg.clusters:
             if cluster.name not in removed and self.store.load(cluster.name).state == "meshed":
                 self._remesh(cluster)
-        return removed
+        return removed, absent
+
+    def _kind_has(self, cluster: ClusterConfig) -> bool:
+        """Whether kind knows the cluster; without kind installed there is none to delete."""
+        tools = lab_tools(self.cfg, self.log)
+        if tools.which("kind") is None:
+            return False
+        res = tools.run("kind", ["get", "clusters"], check=False, quiet=True,
+                        doing="listing kind clusters")
+        # When kind cannot tell (e.g. Docker is down), try the delete: it says what is wrong.
+        return res.returncode != 0 or cluster.name in res.stdout.split()
 
     def _remesh(self, cluster: ClusterConfig) -> None:
         with self._bound(cluster.name), self.store.lock(cluster.name, "lab.down (re-mesh)"):
             ctx = self.context(cluster)
             ClusterPipeline(ctx, STEPS, self.progress).reconcile("meshed")
-
-
-def _describe(obj: dict[str, Any]) -> str:
-    meta = obj.get("metadata", {})
-    ns = meta.get("namespace")
-    return f"{obj.get('kind')} {ns + '/' if ns else ''}{meta.get('name')}"
 
 
 def _durations(record: Record) -> dict[str, float]:

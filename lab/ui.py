@@ -6,7 +6,8 @@ start and end is a plain line of its own (CI logs stay readable).
 
 from __future__ import annotations
 
-import os
+import re
+import shutil
 import sys
 import threading
 import time
@@ -15,13 +16,15 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from lab import logs
+from lab.errors import LabError
 
 
 class Progress:
     def __init__(self, stream: TextIO | None = None, live: bool | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.live = self.stream.isatty() if live is None else live
-        self.color = self.live and "NO_COLOR" not in os.environ
+        # JSON logs (asked for on a terminal) stay whole lines: no live spinner between them.
+        self.live = self.stream.isatty() and not logs.json_mode() if live is None else live
+        self.color = self.live and not logs.no_color()
         self._lock = threading.Lock()
         self._active: dict[str, tuple[str, float]] = {}
         self._rich: Any = None
@@ -122,3 +125,43 @@ class _ConsoleWriter:
 
     def isatty(self) -> bool:
         return True
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+# A `quoted command` (spaces and all) or any other run of non-spaces: never split across lines.
+_TOKEN = re.compile(r"`[^`]*`\S*|\S+")
+
+
+def wrap(line: str, width: int) -> list[str]:
+    """Fold one line at spaces to ``width``; continuation lines are indented under the text after
+    the line's own indent and marker (✗, →). A command in backticks or a URL stays whole, even
+    when it alone is wider than ``width``."""
+    m = re.match(r"(\s*(?:[✗→•] )?)(.*)", line)
+    lead, body = (m.group(1), m.group(2)) if m else ("", line)
+    indent = " " * len(lead)
+    out: list[str] = []
+    current, empty = lead, True
+    for token in _TOKEN.findall(body):
+        if not empty and len(current) + 1 + len(token) > width:
+            out.append(current)
+            current = indent + token
+        else:
+            current += token if empty else " " + token
+        empty = False
+    out.append(current)
+    return out
+
+
+def print_error(exc: LabError, stream: TextIO | None = None) -> None:
+    """``✗ what happened`` then ``→ what to do``, folded at word boundaries on a terminal."""
+    out = stream or sys.stderr
+    tty = out.isatty()
+    width = shutil.get_terminal_size((100, 24)).columns if tty else 0
+    lines = f"✗ {exc}".splitlines()
+    for i, line in enumerate(lines):
+        for folded in (wrap(line, width) if width else [line]):
+            if i == 0 and tty and not logs.no_color():
+                folded = folded.replace("✗", "\x1b[31m✗\x1b[0m", 1)
+            out.write(folded + "\n")
+    out.flush()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import stat
 import tarfile
 import threading
@@ -402,7 +403,9 @@ def test_tools_task_installs_and_reports(cfg: LabConfig, server: Server, tmp_pat
     # The Cilium CLI release is missing upstream: the task fails, naming it.
     with pytest.raises(Exit) as exc:
         tools_task(Context(), config=str(cfg_file), log_format="json")
-    assert exc.value.code == 1 and "cilium" in str(exc.value.message)
+    failed = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+              if line.startswith("{") and '"event": "failed"' in line]  # said once, as JSON
+    assert exc.value.code == 1 and len(failed) == 1 and "cilium" in failed[0]["error"]
     # kind and helm were installed before that; with downloads off the optional CLI is reported.
     capsys.readouterr()
     tools_task(Context(), config=str(cfg_file), no_download=True, log_format="json")

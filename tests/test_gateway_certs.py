@@ -906,4 +906,4 @@ def test_trust_task_writes_out_and_prints(certs_ctx: StepContext, tmp_path: Path
 
     with pytest.raises(Exit) as err:
         trust_task(Context(), config=str(config), cluster="nope")
-    assert "no cluster named 'nope'" in str(err.value.message)
+    assert err.value.code == 1 and "no cluster named 'nope'" in capsys.readouterr().err

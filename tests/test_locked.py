@@ -341,7 +341,7 @@ def test_onboard_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(Exit) as err:
         onboard_task(Context(), "shop-api", namespace="shop", port="99999", host="shop",
                      out=str(tmp_path / "x"), config=cfg, log_format="json")
-    assert err.value.code == 1 and "65535" in str(err.value.message)
+    assert err.value.code == 1 and "65535" in capsys.readouterr().err  # the one JSON event
     assert not (tmp_path / "x").exists()
     with pytest.raises(Exit, match="--namespace is required"):
         onboard_task(Context(), "shop-api", config=cfg, log_format="json")

@@ -80,3 +80,10 @@ def test_task_modules_are_named_for_what_their_tasks_do() -> None:
     assert layout == {"lifecycle": ["down", "mesh", "render", "status", "up"],
                       "tools": ["doctor", "tools"], "access": ["hubble", "trust"],
                       "apps": ["onboard"], "checks": ["map", "verify"], "cache": ["cache"]}
+
+
+@pytest.mark.parametrize("task", ["lab.up", "lab.mesh", "lab.down", "lab.status", "lab.render"])
+def test_lifecycle_tasks_take_log_level_and_verbose(task: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "invoke", "--help", task], cwd=REPO,
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert "--log-level=STRING" in proc.stdout and "-v, --verbose" in proc.stdout, proc.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from typing import Any, Protocol
 
 import yaml
 
-from lab.config import ClusterConfig, LabConfig
+from lab.config import ClusterConfig, LabConfig, gate_timeout_from_env
 from lab.errors import GateFailed, GateTimeout, Interrupted
 from lab.kube import KubeClient, KubeError
 from lab.logs import Logger
@@ -96,7 +95,35 @@ class Rendered:
     files: dict[str, str] = field(default_factory=dict)  # relative path → text
     helm: list[HelmRelease] = field(default_factory=list)
     objects: list[Obj] = field(default_factory=list)  # applied on entering the state
-    commands: list[list[str]] = field(default_factory=list)  # for --dry-run
+    # For --dry-run, in the order `apply` runs them: tool commands (argv, as run) and API
+    # operations in words (`applied`, "patch …").
+    commands: list[list[str]] = field(default_factory=list)
+
+
+def describe(obj: Obj) -> str:
+    meta = obj.get("metadata", {})
+    ns = meta.get("namespace")
+    return f"{obj.get('kind')} {ns + '/' if ns else ''}{meta.get('name')}"
+
+
+def applied(*objs: Obj) -> list[list[str]]:
+    """The API operations that server-side-apply ``objs``, for a step's ordered commands."""
+    return [["apply", describe(o)] for o in objs]
+
+
+def helm_upgrade_command(ctx: StepContext, release: HelmRelease,
+                         secret_values: bool = False) -> list[str]:
+    """`helm upgrade --install` exactly as lab.helm.ensure_release runs it for ``release``."""
+    from lab.helm import HELM_TIMEOUT  # lab.helm imports this module
+
+    args = ["helm", "upgrade", "--install", release.release, release.chart,
+            "--version", release.version, "--namespace", release.namespace,
+            "--create-namespace", "--values", str(ctx.work_dir / release.values_file)]
+    if secret_values:
+        args += ["--values", str(ctx.work_dir / f"helm/{release.release}.secret.values.yaml")]
+    args += ["--reset-values", "--kube-context", ctx.cluster.kube_context]
+    args += ["--kubeconfig", ctx.kubeconfig] if ctx.kubeconfig else []
+    return [*args, "--timeout", HELM_TIMEOUT]
 
 
 @dataclass
@@ -116,11 +143,11 @@ class Timeouts:
 
     @classmethod
     def from_env(cls) -> Timeouts:
-        """``LAB_GATE_TIMEOUT`` (seconds) overrides every gate deadline."""
-        value = os.environ.get("LAB_GATE_TIMEOUT")
-        if not value:
+        """``LAB_GATE_TIMEOUT`` (seconds) overrides every gate deadline (LabError if not a
+        positive number)."""
+        t = gate_timeout_from_env()
+        if t is None:
             return cls()
-        t = float(value)
         # A pull failure is called final well before a short deadline, so the user gets the
         # reason and its fix rather than a timeout.
         return cls(cluster=t, cni=t, gateway=t, certs=t, locked=t, meshed=t,

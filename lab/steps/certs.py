@@ -36,7 +36,15 @@ from lab.kube import (
     condition,
     deployment_available,
 )
-from lab.steps.base import HelmRelease, Obj, Rendered, StepContext, Verdict
+from lab.steps.base import (
+    HelmRelease,
+    Obj,
+    Rendered,
+    StepContext,
+    Verdict,
+    applied,
+    helm_upgrade_command,
+)
 from lab.steps.gateway import (
     CERTS_FIELD_MANAGER,
     GATEWAY_API,
@@ -351,12 +359,11 @@ class CertsStep:
 
     def render(self, ctx: StepContext) -> Rendered:
         release = cert_manager_release(ctx)
+        objects = [*ca_objects(ctx), *demo_objects(ctx), gateway_https_object()]
         return Rendered(
             helm=[release],
-            objects=[*ca_objects(ctx), *demo_objects(ctx), gateway_https_object()],
-            commands=[["helm", "upgrade", "--install", release.release, release.chart,
-                       "--version", release.version, "--namespace", release.namespace,
-                       "--create-namespace", "--values", str(ctx.work_dir / release.values_file)],
+            objects=objects,
+            commands=[helm_upgrade_command(ctx, release), *applied(*objects),
                       node_port_command({443: ctx.cluster.gateway.https_node_port})],
         )
 

@@ -23,7 +23,7 @@ from lab.errors import LabError
 from lab.helm import ensure_release
 from lab.hubble import relay_serves
 from lab.kube import KubeError, condition, condition_true, deployment_available
-from lab.steps.base import HelmRelease, Rendered, StepContext, Verdict
+from lab.steps.base import HelmRelease, Rendered, StepContext, Verdict, helm_upgrade_command
 
 MANIFESTS = Path(__file__).resolve().parent.parent.parent / "manifests"
 GATEWAY_API_BASE = ("https://raw.githubusercontent.com/kubernetes-sigs/gateway-api/{version}/"
@@ -45,6 +45,12 @@ def gateway_api_crds(version: str) -> list[tuple[str, str]]:
             digest, name = line.split()
             out.append((name, digest))
     return out
+
+
+def crd_name(file_name: str) -> str:
+    """`gateway.networking.k8s.io_gateways.yaml` holds `gateways.gateway.networking.k8s.io`."""
+    group, plural = file_name.removesuffix(".yaml").split("_", 1)
+    return f"{plural}.{group}"
 
 
 def cilium_values(ctx: StepContext,
@@ -129,10 +135,10 @@ class CniStep:
                 {"gatewayAPI": version, "channel": "standard", "crds": sources},
                 sort_keys=False)},
             helm=[release],
-            commands=[["helm", "upgrade", "--install", "cilium", release.chart, "--version",
-                       release.version, "--namespace", "kube-system", "--values",
-                       str(ctx.work_dir / release.values_file), "--values",
-                       "<lab CA values, 0600>"]],
+            # As `apply` runs: the CRDs (each file's one CRD, named after the file), then Cilium.
+            commands=[*(["apply", f"CustomResourceDefinition {crd_name(name)}"]
+                        for name, _ in gateway_api_crds(version)),
+                      helm_upgrade_command(ctx, release, secret_values=True)],
             objects=[],
         )
 
@@ -170,8 +176,7 @@ class CniStep:
         return docs
 
     def _wait_crds_established(self, ctx: StepContext) -> None:
-        names = [f"{n.split('_', 1)[1].removesuffix('.yaml')}.{n.split('_', 1)[0]}"
-                 for n, _ in gateway_api_crds(ctx.lab.versions.gateway_api)]
+        names = [crd_name(n) for n, _ in gateway_api_crds(ctx.lab.versions.gateway_api)]
 
         def gate() -> Verdict:
             v = Verdict("gateway-api-crds")

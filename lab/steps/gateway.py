@@ -29,7 +29,7 @@ import json
 from lab.errors import LabError
 from lab.kube import FIELD_MANAGER, Invalid, KubeError, condition
 from lab.network import PoolError, derive_pools, node_port_conflict, node_port_holders
-from lab.steps.base import Obj, Rendered, StepContext, Verdict
+from lab.steps.base import Obj, Rendered, StepContext, Verdict, applied
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 GATEWAY_CLASS = "cilium"
@@ -327,9 +327,12 @@ class GatewayStep:
     def render(self, ctx: StepContext) -> Rendered:
         pool, source = rendered_pool(ctx)
         net = ctx.lab.docker_network
+        objects = gateway_objects(pool, source)
+        # As `apply` runs: the pool checked against Docker, the objects, then the NodePort patch
+        # of the Service Cilium creates for the Gateway.
         return Rendered(
-            objects=gateway_objects(pool, source),
-            commands=[["docker", "network", "inspect", net],
+            objects=objects,
+            commands=[["docker", "network", "inspect", net], *applied(*objects),
                       node_port_command({80: ctx.cluster.gateway.http_node_port})],
         )
 

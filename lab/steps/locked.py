@@ -49,7 +49,7 @@ from lab.policies import (
     policy_ref,
     render_policies,
 )
-from lab.steps.base import Check, Obj, Rendered, StepContext, Verdict, dump_yaml
+from lab.steps.base import Check, Obj, Rendered, StepContext, Verdict, applied, dump_yaml
 from lab.steps.certs import (
     DEMO_NAME,
     DEMO_NAMESPACE,
@@ -429,7 +429,11 @@ class LockedStep:
             raise LabError("a rendered policy would allow everything: " + "; ".join(problems))
         return Rendered(files={"locked/policies.yaml": dump_yaml(policies),
                                "locked/probes.yaml": dump_yaml(probe_objects())},
-                        objects=[*policies, *probe_objects()])
+                        objects=[*policies, *probe_objects()],
+                        # as `apply` runs: the probes' namespaces, allowances first and the
+                        # baseline last, then every probe object (their namespaces re-applied)
+                        commands=applied(*(o for o in probe_objects() if o["kind"] == "Namespace"),
+                                         *reversed(policies), *probe_objects()))
 
     # -- apply ------------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from lab.errors import LabError
 from lab.helm import ensure_release
 from lab.kube import KubeError, condition_true
 from lab.state import STATES
-from lab.steps.base import Check, Rendered, StepContext, Verdict
+from lab.steps.base import Check, Rendered, StepContext, Verdict, applied, helm_upgrade_command
 from lab.steps.cni import cilium_release, cilium_values
 
 DEMO_NAMESPACE = "lab-mesh"
@@ -45,10 +45,13 @@ def expected_peers(ctx: StepContext) -> list[str]:
     return peers
 
 
+def node_address_command(node: str) -> list[str]:
+    return ["docker", "inspect", node, "--format", "{{json .NetworkSettings.Networks}}"]
+
+
 def node_address(ctx: StepContext, node: str) -> str:
     """The node container's IPv4 address on the lab's Docker network."""
-    res = ctx.tools.run("docker",
-                        ["inspect", node, "--format", "{{json .NetworkSettings.Networks}}"],
+    res = ctx.tools.run("docker", node_address_command(node)[1:],
                         doing=f"reading the address of {node}")
     networks = json.loads(res.stdout or "{}")
     address = (networks.get(ctx.lab.docker_network) or {}).get("IPAddress")
@@ -136,10 +139,11 @@ class MeshStep:
 
     def render(self, ctx: StepContext) -> Rendered:
         release = cilium_release(ctx, cilium_values(ctx, peers=self._peer_entries(ctx, False)))
+        peers = [c.name for c in ctx.lab.clusters if c.name != ctx.cluster.name]
         return Rendered(helm=[release], objects=demo_objects(ctx),
-                        commands=[["docker", "inspect", f"{p}-control-plane"]
-                                  for p in (c.name for c in ctx.lab.clusters
-                                            if c.name != ctx.cluster.name)])
+                        commands=[*(node_address_command(f"{p}-control-plane") for p in peers),
+                                  helm_upgrade_command(ctx, release, secret_values=True),
+                                  *applied(*demo_objects(ctx))])
 
     def apply(self, ctx: StepContext) -> None:
         if not ctx.lab.is_mesh:

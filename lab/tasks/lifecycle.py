@@ -6,7 +6,6 @@ Thin: parse options, call the runner, print, map errors to Exit.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,66 +14,81 @@ from invoke.context import Context
 from invoke.tasks import task
 
 from lab import logs
-from lab.cli import CONFIG_HELP, LOG_HELP
+from lab.cli import CONFIG_HELP, LEVEL_HELP, LOG_HELP, VERBOSE_HELP, output
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
-from lab.config import LabConfig
+from lab.config import (
+    SKIP_DOCTOR_ENV,
+    LabConfig,
+    env_flag,
+    kubeconfig_from_env,
+    resolve_config_path,
+)
 
 
 def _lab(cfg: LabConfig) -> Any:
     from lab.runner import Lab  # imported on use: keeps `invoke --list` fast
 
-    return Lab(cfg, kubeconfig=os.environ.get("LAB_KUBECONFIG"))
+    return Lab(cfg, kubeconfig=kubeconfig_from_env())
 
 
+LOG_OPTIONS = {"log_format": LOG_HELP, "log_level": LEVEL_HELP, "verbose": VERBOSE_HELP}
 UP_HELP = {
     "config": CONFIG_HELP,
     "to": "stop at this state: cluster, cni, gateway, certs, locked, meshed",
     "resume": "trust the record: re-probe completed steps, step back on drift, continue",
-    "dry_run": "print the plan (steps, commands, objects) and change nothing",
+    "dry_run": "print what would run, in order (tool commands, API operations); change nothing",
     "cluster": "only this cluster (repeatable; default: all)",
     "skip_doctor": "skip the preflight checks (experts; logged)",
     "no_download": "never download pinned tools; report what to install instead",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 }
 
 
 @task(help=UP_HELP, iterable=["cluster"])
 def up(c: Context, config: str | None = None, to: str | None = None, resume: bool = False,
        dry_run: bool = False, cluster: list[str] | None = None, skip_doctor: bool = False,
-       no_download: bool = False, log_format: str | None = None) -> None:
+       no_download: bool = False, log_format: str | None = None, log_level: str | None = None,
+       verbose: bool = False) -> None:
     """Bring the lab up (converges from wherever it is)."""
-    _up(config, to, resume, dry_run, cluster, skip_doctor, no_download, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
+    _up(cfg, to, resume, dry_run, cluster, skip_doctor, no_download)
 
 
 @task(help={k: v for k, v in UP_HELP.items() if k != "to"}, iterable=["cluster"])
 def mesh(c: Context, config: str | None = None, resume: bool = False, dry_run: bool = False,
          cluster: list[str] | None = None, skip_doctor: bool = False, no_download: bool = False,
-         log_format: str | None = None) -> None:
+         log_format: str | None = None, log_level: str | None = None,
+         verbose: bool = False) -> None:
     """Bring every cluster of a multi-cluster config up and join them with Cluster Mesh."""
-    _up(config, "meshed", resume, dry_run, cluster, skip_doctor, no_download, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
+    _up(cfg, "meshed", resume, dry_run, cluster, skip_doctor, no_download)
 
 
-def _up(config: str | None, to: str | None, resume: bool, dry_run: bool,
-        cluster: list[str] | None, skip_doctor: bool, no_download: bool,
-        log_format: str | None) -> None:
-    cfg = _setup(config, log_format)
-    if to is not None:  # refused before the preflight may download tools
-        from lab.runner import check_target
+def _up(cfg: LabConfig, to: str | None, resume: bool, dry_run: bool,
+        cluster: list[str] | None, skip_doctor: bool, no_download: bool) -> None:
+    from lab.runner import check_target, default_target
 
-        _guard(lambda: check_target(cfg, to))
     lab = _lab(cfg)
+    # Every option is checked before tools are downloaded or anything is planned.
+    _guard(lambda: check_target(cfg, to or default_target(cfg)))
+    _guard(lambda: lab.chosen(cluster))
     if dry_run:
-        plan = _guard(lambda: lab.plan(to, resume))
-        _print_plan(plan)
+        plan = _guard(lambda: lab.plan(to, resume, cluster or None))
+        with output():
+            _print_plan(plan)
         return
     _guard(lambda: _preflight(cfg, skip_doctor, no_download))
     from lab.ui import Progress
 
-    with Progress() as progress:
-        lab.progress = progress
-        _guard(lambda: lab.up(to, resume, cluster or None))
-    _print_next_steps(cfg, to)
+    def converge() -> None:
+        with Progress() as progress:
+            lab.progress = progress
+            lab.up(to, resume, cluster or None)
+
+    _guard(converge)
+    with output():
+        _print_next_steps(cfg, to)
 
 
 def _print_next_steps(cfg: LabConfig, to: str | None) -> None:
@@ -100,8 +114,8 @@ def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
     tools = lab_tools(cfg, log)
     ensure_tools(cfg, tools, names=REQUIRED,
                  allow_download=downloads_allowed(cfg, no_download))
-    if skip_doctor or os.environ.get("LAB_SKIP_DOCTOR") == "1":
-        log.warning("doctor.skipped", reason="--skip-doctor" if skip_doctor else "LAB_SKIP_DOCTOR")
+    if skip_doctor or env_flag(SKIP_DOCTOR_ENV):
+        log.warning("doctor.skipped", reason="--skip-doctor" if skip_doctor else SKIP_DOCTOR_ENV)
         return
     preflight(cfg, tools, log)
 
@@ -110,22 +124,32 @@ def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
     "config": CONFIG_HELP,
     "cluster": "only this cluster (repeatable; default: every cluster of the lab)",
     "purge": "also remove the machine's shared image cache and its volumes (every lab's)",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 }, iterable=["cluster"])
 def down(c: Context, config: str | None = None, cluster: list[str] | None = None,
-         purge: bool = False, log_format: str | None = None) -> None:
+         purge: bool = False, log_format: str | None = None, log_level: str | None = None,
+         verbose: bool = False) -> None:
     """Delete the lab's kind clusters and their records (the shared image cache stays)."""
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     lab = _lab(cfg)
-    names = cluster or [cl.name for cl in cfg.clusters]
-    print(f"deleting kind cluster(s) {', '.join(names)} and their records under "
-          f"{cfg.state_dir}")
+    names = [cl.name for cl in _guard(lambda: lab.chosen(cluster))]
+    with output():
+        print(f"deleting kind cluster(s) {', '.join(names)} and their records under "
+              f"{cfg.state_dir}")
     from lab.ui import Progress
 
-    with Progress() as progress:
-        lab.progress = progress
-        removed = _guard(lambda: lab.down(cluster or None))
-    print(f"✓ removed {', '.join(removed)}")
+    def delete() -> tuple[list[str], list[str]]:
+        with Progress() as progress:
+            lab.progress = progress
+            result: tuple[list[str], list[str]] = lab.down(cluster or None)
+            return result
+
+    removed, absent = _guard(delete)
+    with output():
+        if removed:
+            print(f"✓ removed {', '.join(removed)}")
+        if absent:
+            print(f"✓ nothing to delete for {', '.join(absent)}: no kind cluster and no record")
     if purge:
         from lab.tasks.cache import purge_cache
 
@@ -136,31 +160,35 @@ def down(c: Context, config: str | None = None, cluster: list[str] | None = None
     "config": CONFIG_HELP,
     "json": "machine-readable output",
     "offline": "show the recorded verdicts without asking the clusters",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 })
 def status(c: Context, config: str | None = None, json_: bool = False, offline: bool = False,
-           log_format: str | None = None) -> None:
+           log_format: str | None = None, log_level: str | None = None,
+           verbose: bool = False) -> None:
     """Per cluster: state, each gate's verdict, per-step durations."""
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     rows = _guard(lambda: _lab(cfg).status(live=not offline))
-    if json_:
-        print(json.dumps(rows, indent=2))
-        return
-    _print_status(rows)
+    with output():
+        if json_:
+            print(json.dumps(rows, indent=2))
+            return
+        _print_status(cfg, rows)
 
 
 @task(help={
     "config": CONFIG_HELP,
     "out": "output directory (default: ./render)",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 })
 def render(c: Context, config: str | None = None, out: str = "render",
-           log_format: str | None = None) -> None:
+           log_format: str | None = None, log_level: str | None = None,
+           verbose: bool = False) -> None:
     """Write everything the lab would apply, without Docker or a cluster."""
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     written = _guard(lambda: _lab(cfg).render(Path(out)))
-    for path in written:
-        print(path)
+    with output():
+        for path in written:
+            print(path)
 
 
 # -- printing --------------------------------------------------------------------------------------
@@ -170,31 +198,46 @@ def _print_plan(plan: list[dict[str, Any]]) -> None:
         print("nothing to do: every cluster is at or past the target")
     for item in plan:
         print(f"{item['cluster']}: {item['step']} — {item['title']}")
-        for cmd in item["commands"]:
+        for action in item["actions"]:
             # tool commands run as shown; the rest are API operations described in words
-            shell = cmd.split()[0] in ("kind", "helm", "docker")
-            print(f"    {'$ ' if shell else ''}{cmd}")
-        for h in item["helm"]:
-            print(f"    helm release {h}")
-        for o in item["objects"]:
-            print(f"    apply {o}")
+            program = next(w for w in action.split() if "=" not in w)  # after VAR=value
+            shell = program in ("kind", "helm", "docker")
+            print(f"    {'$ ' if shell else ''}{action}")
     print("(dry run: nothing was changed)")
 
 
-def _print_status(rows: list[dict[str, Any]]) -> None:
+def _print_status(cfg: LabConfig, rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.padding import Padding
     from rich.table import Table
+    from rich.text import Text
 
-    console = Console(no_color="NO_COLOR" in os.environ or not sys.stdout.isatty())
+    tty = sys.stdout.isatty()
+    console = Console(no_color=logs.no_color() or not tty)
+
+    def say(text: str, indent: int = 0) -> None:
+        """Folded at word boundaries, indented, on a terminal; one line each in a pipe."""
+        if tty:
+            console.print(Padding(Text.from_markup(text), (0, 0, 0, indent)))
+        else:
+            print(" " * indent + Text.from_markup(text).plain)
+
     for row in rows:
         a = row["allocation"]
-        title = (f"{row['cluster']} — state [bold]{row['state']}[/bold]  "
-                 f"(id {a['id']}, pods {a['podCIDR']}, services {a['serviceCIDR']}, "
-                 f"pool {a['lbPool'] or 'derived at apply'}, "
-                 f"http {a['httpHostPort']}→{a['httpNodePort']}, "
-                 f"https {a['httpsHostPort']}→{a['httpsNodePort']}, "
-                 f"clustermesh {a['clustermeshNodePort']})")
-        table = Table(title=title, title_justify="left")
+        # The title is printed on its own: as a table title it would wrap at the table's width.
+        say(f"[bold]{row['cluster']}[/bold] — state [bold]{row['state']}[/bold]")
+        say(f"id {a['id']}, pods {a['podCIDR']}, services {a['serviceCIDR']}, "
+            f"pool {a['lbPool'] or 'derived at apply'}, "
+            f"http {a['httpHostPort']}→{a['httpNodePort']}, "
+            f"https {a['httpsHostPort']}→{a['httpsNodePort']}, "
+            f"clustermesh {a['clustermeshNodePort']}", 2)
+        if row["state"] == "absent" and not row["gates"]:
+            start = "invoke lab.mesh" if cfg.is_mesh else "invoke lab.up"
+            if cfg.path != resolve_config_path(None):  # the config a bare command reads
+                start += f" --config {cfg.path}"
+            say(f"no cluster yet: `{start}` creates it", 2)
+            continue
+        table = Table()
         table.add_column("gate")
         table.add_column("check")
         table.add_column("ok")
