@@ -21,7 +21,7 @@ from lab.kube import KubeError
 from lab.pipeline import ClusterPipeline
 from lab.state import STATES, Record, StateStore
 from lab.steps.base import CANCELLED, Check, Rendered, StepContext, Timeouts, Verdict, dump_yaml
-from lab.steps.cluster import kind_kubeconfig_write
+from lab.steps.cluster import cluster_kubeconfig, kind_kubeconfig_write
 from lab.steps.registry import STEPS
 from lab.ui import Progress
 
@@ -52,10 +52,12 @@ class Lab:
     def context(self, cluster: ClusterConfig, record: Record | None = None,
                 dry_run: bool = False) -> StepContext:
         log = self.log.bind(cluster=cluster.name)
+        # Each cluster its own kubeconfig file (kind, helm and the client), unless one is given:
+        # parallel clusters never read each other's half-written file.
+        kubeconfig = self.kubeconfig or str(cluster_kubeconfig(self.cfg.state_dir, cluster.name))
         return StepContext(self.cfg, cluster, self.store,
                            record or self.store.load(cluster.name), lab_tools(self.cfg, log),
-                           log, self.timeouts,
-                           self.kubeconfig, dry_run)
+                           log, self.timeouts, kubeconfig, dry_run)
 
     # -- up --------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -114,6 +115,45 @@ def test_cached_crds_are_verified_and_a_tampered_cache_is_refetched(
                      "ReferenceGrant"]
     for d in docs:
         assert d["metadata"]["annotations"]["gateway.networking.k8s.io/channel"] == "standard"
+
+
+def test_parallel_clusters_filling_the_crd_cache_never_share_a_temp_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two clusters download the same CRDs into one cache at once: each writes a temp file of its
+    own, so neither renames the other's (half-written) file away."""
+    import os
+    import threading
+
+    root = require_upstream() / "gateway-api-1.4.0" / "standard"
+    ctx = _ctx(tmp_path)
+    monkeypatch.setattr("lab.steps.cni._download",
+                        lambda url: (root / url.rsplit("/", 1)[-1]).read_bytes())
+    both_written = threading.Barrier(2, timeout=10)
+    real_replace = os.replace
+
+    def replace_when_both_wrote(src: Any, dst: Any) -> None:
+        both_written.wait()  # both temp files exist before either is renamed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_when_both_wrote)
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            CniStep().fetch_crds(ctx)
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    cache = ctx.lab.state_dir / "cache" / "gateway-api-v1.4.0"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in root.glob("*.yaml"))
+    for p in cache.iterdir():
+        assert p.read_bytes() == (root / p.name).read_bytes()
 
 
 # -- the gate -----------------------------------------------------------------------------------

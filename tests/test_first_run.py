@@ -435,15 +435,22 @@ class Recorder:
         return out
 
 
+CACHE_NAME = "kind-cilium-lab-cache-"
+ACTION = re.compile(r"^(kind|helm|docker|apply|patch) ")
+
+
 def plan_of(stdout: str) -> dict[str, list[tuple[str, str]]]:
-    """Per cluster, (step, action) in the order the dry run prints them."""
+    """Per cluster, (step, action) in the order the dry run prints them. The machine's image
+    cache (created once for every cluster and lab; tests/test_imagecache.py) and lines that
+    describe rather than act (node registry configuration, prefetch list) are left out."""
     out: dict[str, list[tuple[str, str]]] = {}
     cluster = step = ""
     for line in stdout.splitlines():
         if m := re.match(r"^(\S+): (\S+) — ", line):
             cluster, step = m.groups()
-        elif line.startswith("    "):
-            out.setdefault(cluster, []).append((step, line.strip().removeprefix("$ ")))
+        elif (line.startswith("    ") and ACTION.match(action := line.strip().removeprefix("$ "))
+              and CACHE_NAME not in action):
+            out.setdefault(cluster, []).append((step, action))
     return out
 
 

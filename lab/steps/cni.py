@@ -12,6 +12,8 @@ CRD into a standard-channel install is what Gateway API's own guidance warns aga
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -169,9 +171,11 @@ class CniStep:
                         f"{base + name} has sha256 {actual}, the lab pins {digest}",
                         "a proxy or mirror changed the file; fetch it from the official "
                         "Gateway API release, then retry")
-                tmp = path.with_suffix(".tmp")
-                tmp.write_bytes(data)
-                tmp.replace(path)
+                # a temp name of its own: parallel clusters share this cache
+                fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{name}.", suffix=".tmp")
+                with os.fdopen(fd, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, path)
             docs.extend(d for d in yaml.safe_load_all(data) if d)
         return docs
 

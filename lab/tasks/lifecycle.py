@@ -106,18 +106,20 @@ def _print_next_steps(cfg: LabConfig, to: str | None) -> None:
 
 
 def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
-    """Pinned tools, then the doctor: both before any side effect on a cluster."""
+    """The doctor's host checks, then the pinned tools: both before any side effect."""
     from lab.bootstrap import REQUIRED, downloads_allowed, ensure_tools, lab_tools
     from lab.doctor import preflight
 
     log = logs.get("lab")
     tools = lab_tools(cfg, log)
-    ensure_tools(cfg, tools, names=REQUIRED,
-                 allow_download=downloads_allowed(cfg, no_download))
     if skip_doctor or env_flag(SKIP_DOCTOR_ENV):
         log.warning("doctor.skipped", reason="--skip-doctor" if skip_doctor else SKIP_DOCTOR_ENV)
-        return
-    preflight(cfg, tools, log)
+    else:
+        # Docker and the host first: a missing daemon is reported before anything is downloaded.
+        # The tools' versions need no check of their own: ensure_tools installs the pins.
+        preflight(cfg, tools, log, include_tools=False)
+    ensure_tools(cfg, tools, names=REQUIRED,
+                 allow_download=downloads_allowed(cfg, no_download))
 
 
 @task(help={
