@@ -141,6 +141,17 @@ def test_to_is_checked_before_any_tool_is_downloaded(lab_env: LabEnv) -> None:
     nothing_happened(lab_env)
 
 
+def test_a_missing_docker_is_reported_before_any_tool_is_downloaded(lab_env: LabEnv) -> None:
+    """No Docker, no kind or helm, downloads allowed: the doctor's host checks come first."""
+    proc = lab_env.run("lab.up", check=False, PATH=without_fakes(), LAB_SKIP_DOCTOR="0",
+                       LAB_DOWNLOAD_BASE_KIND="http://127.0.0.1:9/",
+                       LAB_DOWNLOAD_BASE_HELM="http://127.0.0.1:9/")
+    assert proc.returncode == 1
+    assert "Docker" in said_once(proc) and "preflight found" in proc.stderr
+    assert "download" not in proc.stderr
+    nothing_happened(lab_env)
+
+
 def test_dry_run_plans_only_the_clusters_asked_for(lab_env: LabEnv) -> None:
     write_config(lab_env.config, clusters=[{"name": "east"}, {"name": "west"}])
     proc = lab_env.run("lab.mesh", "--dry-run", "--cluster", "west")
@@ -522,7 +533,8 @@ NOT_LAB_COMMANDS = ("pip install -e '.[dev]'", "python -m pytest -q", "nox", "no
 # "Check your own policy" shows how to onboard and verify an application of your own (`shop`),
 # which the README leaves to the reader to deploy: walked by the tests of lab.onboard/lab.verify.
 YOUR_APPLICATION = (
-    "invoke lab.onboard api --namespace shop --port 8080 "
+    "invoke lab.onboard db --namespace shop --port 5432 --from app:shop/app.kubernetes.io/name=api",
+    "invoke lab.onboard api --namespace shop --port 8080 --host api "
     "--egress app:shop/app.kubernetes.io/name=db:5432",
     "invoke lab.verify --flows shop-flows.yaml --map shop.svg")
 

@@ -390,8 +390,9 @@ def test_down_west_removes_it_from_east_peers(mesh: tuple[SimLab, Any, float]) -
     east_history = len(env.record("east")["history"])
     proc = env.run("lab.down", "--cluster", "west", timeout=150, LAB_GATE_TIMEOUT="10")
     assert "removed west" in proc.stdout
+    # west with its own kubeconfig, then its context in the user's kubeconfig
     assert [a[:4] for a in env.calls("kind", "delete")] == [
-        ["delete", "cluster", "--name", "west"]]
+        ["delete", "cluster", "--name", "west"]] * 2
     kind = json.loads((env.fake_state / "kind.json").read_text())
     assert list(kind["clusters"]) == ["east"]
     assert not (env.state_dir / "clusters" / "west.json").exists()

@@ -155,8 +155,12 @@ def test_down_deletes_cluster_and_record(lab_env: LabEnv) -> None:
     lab_env.run("lab.up", "--to", "cluster")
     proc = lab_env.run("lab.down")
     assert "lab" in proc.stdout
-    assert [argv[:4] for argv in lab_env.calls("kind", "delete")] == [
-        ["delete", "cluster", "--name", "lab"]]
+    deletes = lab_env.calls("kind", "delete")
+    # the cluster with its own kubeconfig, then its context in the user's kubeconfig
+    assert [argv[:4] for argv in deletes] == [["delete", "cluster", "--name", "lab"]] * 2
+    assert deletes[0][4:] == ["--kubeconfig",
+                              str(lab_env.state_dir / "kubeconfig" / "lab.yaml")]
+    assert "--kubeconfig" not in deletes[1]
     assert json.loads((lab_env.fake_state / "kind.json").read_text())["clusters"] == {}
     assert not (lab_env.state_dir / "clusters" / "lab.json").exists()
     status = json.loads(lab_env.run("lab.status", "--json", "--offline").stdout)

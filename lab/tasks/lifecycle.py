@@ -112,14 +112,15 @@ def _preflight(cfg: LabConfig, skip_doctor: bool, no_download: bool) -> None:
 
     log = logs.get("lab")
     tools = lab_tools(cfg, log)
-    if skip_doctor or env_flag(SKIP_DOCTOR_ENV):
-        log.warning("doctor.skipped", reason="--skip-doctor" if skip_doctor else SKIP_DOCTOR_ENV)
-    else:
+    skip = skip_doctor or env_flag(SKIP_DOCTOR_ENV)
+    if not skip:
         # Docker and the host first: a missing daemon is reported before anything is downloaded.
         # The tools' versions need no check of their own: ensure_tools installs the pins.
         preflight(cfg, tools, log, include_tools=False)
     ensure_tools(cfg, tools, names=REQUIRED,
                  allow_download=downloads_allowed(cfg, no_download))
+    if skip:
+        log.warning("doctor.skipped", reason="--skip-doctor" if skip_doctor else SKIP_DOCTOR_ENV)
 
 
 @task(help={
