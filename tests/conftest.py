@@ -110,7 +110,8 @@ class LabEnv:
         if not path.exists():
             return []
         out = []
-        for line in path.read_text().splitlines():
+        # complete lines only: a fake may be appending its line right now
+        for line in path.read_text().split("\n")[:-1]:
             call = json.loads(line)
             argv = call["argv"]
             if tool and call["tool"] != tool:

@@ -526,7 +526,7 @@ def test_bench_without_the_upstream_folder_says_what_it_needs(tmp_path: Path) ->
 # -- the README, top to bottom ---------------------------------------------------------------------
 
 # Commands of the README's code blocks that are not the lab's: the test suite and its sessions.
-NOT_LAB_COMMANDS = ("pip install -e '.[dev]'", "python -m pytest -q", "nox", "nox -s e2e",
+NOT_LAB_COMMANDS = ("pip install -e '.[dev]'", "python -m pytest -q -n auto", "nox", "nox -s e2e",
                     "nox -s e2e -- --mesh", "nox -s bench")
 
 

@@ -24,6 +24,7 @@ from cryptography import x509
 from lab.state import STATES
 from lab.steps.certs import https_probe
 from tests.conftest import REPO, LabEnv
+from tests.fakes.fakelib import wait_until_sleeping
 from tests.support.simcluster import SimLab, make_lab
 from tests.support.upstream import require_upstream, validate_helm_values, validate_object
 
@@ -231,8 +232,7 @@ def test_kill_inside_gateway_and_certs_then_resume_converges(tmp_path: Path) -> 
         # Killed while the gateway step asks Docker for the network.
         proc = env.start("lab.up", LAB_FAKE_SLEEP="docker:network inspect=30")
         try:
-            env.wait_for_call("docker", ["network", "inspect"])
-            time.sleep(0.2)
+            wait_until_sleeping(env.fake_state, "docker", ["network", "inspect"])
         finally:
             env.kill(proc)
         rec = env.record()
@@ -242,8 +242,7 @@ def test_kill_inside_gateway_and_certs_then_resume_converges(tmp_path: Path) -> 
         # Resumed, then killed again while helm installs cert-manager (release pending-install).
         proc = env.start("lab.up", "--resume", LAB_FAKE_SLEEP="helm:upgrade=30")
         try:
-            env.wait_for_call("helm", ["upgrade", "cert-manager"])
-            time.sleep(0.3)
+            wait_until_sleeping(env.fake_state, "helm", ["upgrade", "cert-manager"])
         finally:
             env.kill(proc)
         helm = json.loads((env.fake_state / "helm.json").read_text())
