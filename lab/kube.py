@@ -565,6 +565,11 @@ def _exec_stream(client: KubeClient, namespace: str, pod: str, command: list[str
                     yield resp.read_stdout(timeout=0)
                 if resp.peek_stderr():
                     yield resp.read_stderr(timeout=0)
+            # A frame read together with the close (each peek reads one more) is still buffered.
+            if resp.peek_stdout(timeout=0):
+                yield resp.read_stdout(timeout=0)
+            if resp.peek_stderr(timeout=0):
+                yield resp.read_stderr(timeout=0)
         finally:
             resp.close(timeout=0)
     finally:
