@@ -32,7 +32,6 @@ transfer or a checksum mismatch deletes the partial file.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import os
@@ -45,13 +44,14 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from lab.config import LabConfig
 from lab.errors import LabError
+from lab.filelock import exclusive_lock
 from lab.logs import Logger
 from lab.tools import INSTALL_HINTS, VERSION_ARGS, Tools
 
@@ -202,7 +202,9 @@ def ensure_tools(cfg: LabConfig, tools: Tools, *, allow_download: bool,
     bin_dir = tools.bin_dir or tools_dir()
     bin_dir.mkdir(parents=True, exist_ok=True)
     installed: list[str] = []
-    with _bin_lock(bin_dir):
+    # one bootstrap at a time per tools directory, across labs and processes (two would share
+    # the resumable .part)
+    with exclusive_lock(bin_dir / ".bootstrap.lock"):
         for name, why in todo:
             want = pinned[name]
             if _installed_version(bin_dir / name, name) == want:  # another run just did it
@@ -259,18 +261,6 @@ def _forget(tools: Tools, name: str) -> None:
     """Drop what `Tools` cached about ``name`` so the next lookup sees the new binary."""
     tools._paths.pop(name, None)
     tools._checked.discard(name)
-
-
-@contextlib.contextmanager
-def _bin_lock(bin_dir: Path) -> Iterator[None]:
-    """One bootstrap at a time per tools directory, across labs and processes (two would share
-    the resumable .part)."""
-    with open(bin_dir / ".bootstrap.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _installed_version(path: Path, tool: str) -> str | None:

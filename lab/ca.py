@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import datetime
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab.errors import LabError
+from lab.filelock import exclusive_lock
 
 CA_VALIDITY_DAYS = 3 * 365  # the chart's own default (tls.ca.certValidityDuration: 1095)
 
@@ -43,9 +43,7 @@ def load_or_create(state_dir: Path) -> LabCA:
     d.mkdir(parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     cert_path, key_path = d / "cilium-ca.crt", d / "cilium-ca.key"
-    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(d / ".lock"):
         if cert_path.exists() and key_path.exists():
             ca = LabCA(cert_path.read_bytes(), key_path.read_bytes())
             _check_pair(ca, cert_path)
@@ -56,8 +54,6 @@ def load_or_create(state_dir: Path) -> LabCA:
         tmp.write_bytes(cert_pem)
         tmp.replace(cert_path)
         return LabCA(cert_pem, key_pem)
-    finally:
-        os.close(fd)
 
 
 def _check_pair(ca: LabCA, cert_path: Path) -> None:

@@ -11,18 +11,16 @@ local server in tests).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab.bootstrap import DownloadError, download
+from lab.filelock import exclusive_lock
 
 MANIFEST = Path(__file__).resolve().parents[2] / "manifests" / "upstream-test-files.sha256"
 MIRROR_ENV = "LAB_UPSTREAM_MIRROR"
@@ -81,7 +79,7 @@ def ensure(folder: Path, manifest: Path | None = None, mirror: str | None = None
     folder.mkdir(parents=True, exist_ok=True)
     archives = {e.path: e for e in entries(manifest) if e.is_archive}
     staging = folder / PARTIAL
-    with _locked(folder):
+    with exclusive_lock(folder / ".fetch.lock"):  # two pytest runs sharing the cache
         todo = [e for e in todo if _needs(folder / e.path, e.sha256, overwrite)]
         try:
             for e in todo:
@@ -137,14 +135,3 @@ def _extract(archive: Path, member: str, part: Path, digest: str) -> None:
         raise DownloadError(f"{member} in {archive.name} has sha256 {actual}, pinned {digest}",
                             "the archive changed upstream; nothing was written")
     part.write_bytes(data)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One fetch at a time per folder (two pytest runs sharing the cache)."""
-    with open(folder / ".fetch.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
