@@ -151,6 +151,17 @@ def write_config(path: Path, clusters: list[dict[str, Any]] | None = None,
     return path
 
 
+@pytest.fixture
+def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake kind/helm/docker first on PATH for code run in this process; their state dir."""
+    state = tmp_path / "fake"
+    state.mkdir()
+    monkeypatch.setenv("PATH", f"{FAKE_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("LAB_FAKE_STATE", str(state))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "user-kubeconfig"))  # never the real one
+    return state
+
+
 def step_context(tmp_path: Path, raw: dict[str, Any], emu: KubeEmulator | None = None,
                  timeouts: Any = None, bin_dir: Path | None = None) -> Any:
     """A StepContext for the first cluster of ``raw`` (state under tmp_path), talking to ``emu``

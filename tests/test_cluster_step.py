@@ -25,21 +25,13 @@ from lab.steps.cluster import (
     cluster_kubeconfig,
     kind_kubeconfig_write,
 )
-from tests.conftest import FAKE_BIN, ready_node, step_context
+from tests.conftest import ready_node, step_context
 from tests.fakes.fakelib import read_calls, read_intervals, read_state, write_state
 from tests.support.emulator import KubeEmulator
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    state = tmp_path / "fake"
-    state.mkdir()
-    monkeypatch.setenv("PATH", f"{FAKE_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("LAB_FAKE_STATE", str(state))
-    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "user-kubeconfig"))  # never the real one
-    return state
 
 
 @pytest.fixture

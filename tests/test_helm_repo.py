@@ -7,7 +7,6 @@ helm v3.19.0 does (cmd/helm/repo_add.go, cmd/helm/search_repo.go).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from lab.helm import HELM_TIMEOUT, ensure_release
 from lab.state import Record
 from lab.steps.base import HelmRelease
 from lab.steps.certs import cert_manager_values
-from tests.conftest import FAKE_BIN, step_context
+from tests.conftest import step_context
 from tests.fakes.fakelib import read_calls, read_intervals, read_state, write_state
 from tests.support.emulator import KubeEmulator
 
@@ -35,13 +34,6 @@ def demo(version: str = "1.2.3", repo: str = "demo", url: str = URL) -> HelmRele
                        version=version, namespace="default", values={"replicas": 1})
 
 
-@pytest.fixture
-def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    state = tmp_path / "fake"
-    state.mkdir()
-    monkeypatch.setenv("PATH", f"{FAKE_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    monkeypatch.setenv("LAB_FAKE_STATE", str(state))
-    return state
 
 
 @pytest.fixture
