@@ -204,28 +204,21 @@ def is_policy_drop(flow: dict[str, Any]) -> bool:
     return flow.get("verdict") == "DROPPED" and flow.get("reason") in POLICY_DROP_REASONS
 
 
-def find_policy_drop(flows: Sequence[dict[str, Any]], *, src_namespace: str, src_pod: str,
-                     dst_ip: str, dst_port: int) -> dict[str, Any] | None:
-    for f in flows:
-        if (is_policy_drop(f) and f["src_namespace"] == src_namespace
-                and f["src_pod"] == src_pod and f["dst_ip"] == dst_ip
-                and f["dst_port"] == dst_port):
-            return f
-    return None
-
-
 def find_flow(flows: Sequence[dict[str, Any]], *, src_namespace: str, src_pod: str,
               dst_ip: str, dst_port: int, verdict: str) -> dict[str, Any] | None:
     """The first flow of that connection with that verdict (a DROPPED one: dropped by policy)."""
-    if verdict == "DROPPED":
-        return find_policy_drop(flows, src_namespace=src_namespace, src_pod=src_pod,
-                                dst_ip=dst_ip, dst_port=dst_port)
     for f in flows:
         if (f.get("verdict") == verdict and f["src_namespace"] == src_namespace
                 and f["src_pod"] == src_pod and f["dst_ip"] == dst_ip
-                and f["dst_port"] == dst_port):
+                and f["dst_port"] == dst_port and (verdict != "DROPPED" or is_policy_drop(f))):
             return f
     return None
+
+
+def find_policy_drop(flows: Sequence[dict[str, Any]], *, src_namespace: str, src_pod: str,
+                     dst_ip: str, dst_port: int) -> dict[str, Any] | None:
+    return find_flow(flows, src_namespace=src_namespace, src_pod=src_pod, dst_ip=dst_ip,
+                     dst_port=dst_port, verdict="DROPPED")
 
 
 def parse_policy_get(text: str) -> tuple[int, set[str]] | None:
