@@ -6,9 +6,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from invoke.exceptions import Exit
+from invoke.tasks import Task
+from invoke.tasks import task as invoke_task
 
 from lab import logs
 from lab.config import CONFIG_ENV, LabConfig, check_environment, load_config
@@ -21,6 +23,31 @@ LOG_HELP = "log format: json or console (default: console on a TTY, JSON otherwi
 LEVEL_HELP = ("log level: debug, info, warning, error (default: warning on a terminal, "
               "info otherwise; $LAB_LOG_LEVEL)")
 VERBOSE_HELP = "show the log events (level info) on a terminal too"
+LOG_OPTIONS = {"log_format": LOG_HELP, "log_level": LEVEL_HELP, "verbose": VERBOSE_HELP}
+
+
+class LabTask(Task[Callable[..., Any]]):
+    """Invoke's task with two fixes to automatic short flags: ``-v`` is always ``--verbose``
+    (another option starting with v takes its next letter), and a short flag is a letter or
+    digit — plain invoke can pick the ``-`` of ``log-level``, shown as ``--=STRING``."""
+
+    def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
+        opts: dict[str, Any] = super().arg_opts(name, default, set(taken_names) | set("-_"))
+        if not self.auto_shortflags:
+            return opts
+        long_name = opts["names"][0]
+        if name == "verbose":
+            opts["names"] = [long_name, "v"]
+        elif "verbose" in self.argspec(self.body).parameters:
+            taken = taken_names | {"v"}
+            short = next((ch for ch in long_name if ch.isalnum() and ch not in taken), None)
+            opts["names"] = [long_name, *([short] if short else [])]
+        return opts
+
+
+def task(*args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Invoke's ``@task`` making a :class:`LabTask`."""
+    return invoke_task(*args, klass=LabTask, **kwargs)
 
 
 def fail(exc: LabError, code: int = 1) -> NoReturn:
@@ -49,13 +76,20 @@ def setup(config: str | None, log_format: str | None, log_level: str | None = No
           verbose: bool = False) -> LabConfig:
     """Logging, the environment, then the config: each refused with what to change, before any
     side effect."""
+    setup_logging(log_format, log_level, verbose)
+    guard(check_environment)
+    return guard(lambda: load_config(config))
+
+
+def setup_logging(log_format: str | None, log_level: str | None = None,
+                  verbose: bool = False) -> None:
+    """Logging alone, for tasks that need no lab config; a bad option is refused like any
+    other error."""
     try:
         logs.configure(log_format, log_level, verbose=verbose)
     except LabError as exc:
         logs.configure("json" if not sys.stderr.isatty() else "console", "info")
         fail(exc)
-    guard(check_environment)
-    return guard(lambda: load_config(config))
 
 
 @contextmanager

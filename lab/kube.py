@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from lab import logs
 from lab.errors import LabError
 
 FIELD_MANAGER = "kind-cilium-lab"
@@ -375,9 +376,14 @@ class KubeClient:
         return _exec_stream(self, namespace, pod, command, container)
 
     def port_forward(self, namespace: str, pod: str, remote_port: int, local_port: int,
-                     stop: threading.Event, address: str = "127.0.0.1") -> None:
-        """Serve address:local_port → pod:remote_port until ``stop`` is set (blocks)."""
-        _port_forward(self, namespace, pod, remote_port, local_port, address, stop)
+                     stop: threading.Event, address: str = "127.0.0.1",
+                     on_listening: Callable[[str], None] | None = None) -> None:
+        """Serve address:local_port → pod:remote_port until ``stop`` is set (blocks).
+
+        ``on_listening`` gets "address:port" once connections are accepted, so a URL is shown
+        only when it works (port 0 picks a free port)."""
+        _port_forward(self, namespace, pod, remote_port, local_port, address, stop,
+                      on_listening)
 
     def watch(self, api_version: str, kind: str, namespace: str | None = None,
               label_selector: str | None = None, field_selector: str | None = None,
@@ -577,7 +583,8 @@ def _exec_stream(client: KubeClient, namespace: str, pod: str, command: list[str
 
 
 def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int,
-                  local_port: int, address: str, stop: threading.Event) -> None:
+                  local_port: int, address: str, stop: threading.Event,
+                  on_listening: Callable[[str], None] | None) -> None:
     """Accept on address:local_port; relay each connection through the API's portforward."""
     import select
     import socket
@@ -587,9 +594,16 @@ def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int
 
     def relay(conn: socket.socket) -> None:
         api = client.stream_client()
-        pf = portforward(CoreV1Api(api).connect_get_namespaced_pod_portforward,
-                         pod, namespace, ports=str(remote_port))
-        remote = pf.socket(remote_port)
+        try:
+            pf = portforward(CoreV1Api(api).connect_get_namespaced_pod_portforward,
+                             pod, namespace, ports=str(remote_port))
+            remote = pf.socket(remote_port)
+        except Exception as exc:  # one refused connection must not end the forward
+            logs.get("lab.kube").warning("port_forward.failed", pod=f"{namespace}/{pod}",
+                                         port=remote_port, error=str(exc))
+            conn.close()
+            api.close()
+            return
         remote.setblocking(True)
         try:
             while not stop.is_set():
@@ -616,6 +630,9 @@ def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int
                        "pick another local port with --port") from exc
     server.settimeout(0.5)
     with server:
+        if on_listening is not None:
+            host, port = server.getsockname()[:2]
+            on_listening(f"{host}:{port}")
         while not stop.is_set():
             try:
                 conn, _ = server.accept()

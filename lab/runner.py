@@ -280,8 +280,6 @@ class Lab:
                                           f"deleting kind cluster {cluster.name!r}")
                 self.store.remove(cluster.name)
                 shutil.rmtree(ctx.work_dir, ignore_errors=True)
-                # Nothing is left to guard: drop the lock file too (unlinked while held).
-                (self.store.clusters_dir / f"{cluster.name}.lock").unlink(missing_ok=True)
                 removed.append(cluster.name)
         # The clusters that stay drop the removed ones from their mesh peers.
         for cluster in self.cfg.clusters:

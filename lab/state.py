@@ -4,13 +4,13 @@ guarded by a lock.
 Layout under the state directory::
 
     clusters/<name>.json   the record (format, state, history, gates, fingerprint, versions)
-    clusters/<name>.lock   held (flock) by the one process advancing that cluster
+    clusters/<name>.lock   held (flock) by the one process advancing that cluster; it exists
+                           only while held (lab/filelock.py)
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import socket
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import LockedError, StateError
+from lab.filelock import exclusive_lock
 
 RECORD_FORMAT = 1
 STATES = ("absent", "cluster", "cni", "gateway", "certs", "locked", "meshed")
@@ -172,10 +173,9 @@ class StateStore:
         """Exclusive, non-blocking: a second holder fails at once naming the first."""
         self.clusters_dir.mkdir(parents=True, exist_ok=True)
         lock_path = self.clusters_dir / f"{cluster}.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fd = held.enter_context(exclusive_lock(lock_path, blocking=False, mode=0o644))
             except BlockingIOError:
                 holder = _read_holder(lock_path)
                 raise LockedError(
@@ -189,8 +189,6 @@ class StateStore:
             os.write(fd, json.dumps(holder_info).encode())
             os.fsync(fd)
             yield
-        finally:
-            os.close(fd)  # closing releases the flock
 
 
 def _read_holder(lock_path: Path) -> str:

@@ -159,7 +159,7 @@ def leftovers(bin_dir: Path) -> list[str]:
     if not bin_dir.is_dir():
         return []
     return sorted(p.name for p in bin_dir.iterdir()
-                  if p.name.endswith((".part", ".tmp")))
+                  if p.name.endswith((".part", ".tmp", ".lock")))
 
 
 # -- tests -----------------------------------------------------------------------------------------

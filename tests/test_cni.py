@@ -74,6 +74,8 @@ def test_the_ca_values_are_valid_and_never_in_the_rendered_values(tmp_path: Path
     key = tmp_path / "ca" / "cilium-ca.key"
     assert key.stat().st_mode & 0o777 == 0o600
     assert ca.load_or_create(tmp_path) == lab_ca  # created once, reused by every cluster
+    assert sorted(p.name for p in (tmp_path / "ca").iterdir()) == [
+        "cilium-ca.crt", "cilium-ca.key"]  # no lock file left behind
     rendered = CniStep().render(_ctx(tmp_path))
     assert "tls" not in rendered.helm[0].values
 

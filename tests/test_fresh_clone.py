@@ -112,7 +112,7 @@ def test_upstream_files_are_fetched_verified_and_the_archive_is_not_kept(
     assert sorted(fetched) == ["widget-1.0/crds/widgets.yaml", "widget-1.0/helm/values.yaml"]
     assert (dest / "widget-1.0/crds/widgets.yaml").read_bytes() == CRD
     assert (dest / "widget-1.0/helm/values.yaml").read_bytes() == VALUES
-    assert sorted(p.name for p in dest.iterdir()) == [".fetch.lock", "widget-1.0"]
+    assert sorted(p.name for p in dest.iterdir()) == ["widget-1.0"]  # no lock file left
     assert sorted(served) == ["/charts.example/widget-1.0.tgz", "/raw.example/repo/widgets.yaml"]
     assert upstream_fetch.ensure(dest, manifest, mirror=base) == []  # complete: nothing fetched
     assert len(served) == 2
@@ -237,7 +237,7 @@ def test_offline_with_no_upstream_files_says_in_one_line_what_to_set(tmp_path: P
     folded = [ln for ln in lines if ln.startswith("SKIPPED")]
     assert len(folded) == 1 and folded[0].startswith("SKIPPED [2] ")  # one shared reason
     assert "1 passed, 2 skipped" in lines[-1]
-    assert sorted(p.name for p in (tmp_path / "empty-upstream").iterdir()) == [".fetch.lock"]
+    assert list((tmp_path / "empty-upstream").iterdir()) == []  # nothing fetched, no lock left
 
 
 def test_in_ci_a_missing_dependency_fails_instead_of_skipping(tmp_path: Path) -> None:

@@ -123,6 +123,23 @@ def test_down_is_refused_while_another_task_holds_the_cluster(lab_env: LabEnv) -
     assert lab_env.record()["state"] == "cluster"  # the record the holder owns is untouched
 
 
+def test_down_without_kind_is_refused_while_another_task_holds_the_cluster(
+        lab_env: LabEnv) -> None:
+    """Without kind on PATH, down cannot ask kind; the record alone says there is something to
+    delete, so it still takes the lock first and refuses, leaving the holder's record."""
+    from tests.test_first_run import without_fakes
+
+    lab_env.run("lab.up", "--to", "cluster")
+    store = StateStore(lab_env.state_dir)
+    with store.lock("lab", "lab.up (test holder)"):
+        proc = lab_env.run("lab.down", check=False, PATH=without_fakes())
+        assert (store.clusters_dir / "lab.lock").exists()  # still the holder's
+    assert proc.returncode == 1
+    assert "locked by pid" in proc.stderr and "lab.up (test holder)" in proc.stderr
+    assert lab_env.record()["state"] == "cluster"
+    assert not (store.clusters_dir / "lab.lock").exists()  # the holder removed it letting go
+
+
 def test_up_to_absent_is_refused_with_the_valid_states(lab_env: LabEnv) -> None:
     proc = lab_env.run("lab.up", "--to", "absent", check=False)
     assert proc.returncode == 1

@@ -10,9 +10,8 @@ from pathlib import Path
 
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 
-from lab.cli import CONFIG_HELP, LOG_HELP
+from lab.cli import CONFIG_HELP, LOG_OPTIONS, task
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 
@@ -36,18 +35,19 @@ EGRESS_HELP = ("a destination it may open connections to (repeatable): "
            "cluster; then the namespace is not checked)",
     "cluster": "the cluster to onboard it on (default: the first cluster of the config)",
     "config": CONFIG_HELP,
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 }, iterable=["egress", "from_"], auto_shortflags=False)
 def onboard(c: Context, name: str, namespace: str | None = None, port: str | None = None,
             host: str | None = None, egress: list[str] | None = None,
             from_: list[str] | None = None, selector: str | None = None, out: str | None = None,
             cluster: str | None = None, config: str | None = None,
-            log_format: str | None = None) -> None:
+            log_format: str | None = None,
+            log_level: str | None = None, verbose: bool = False) -> None:
     """Onboard an application: its CiliumNetworkPolicy (+ HTTPRoute), applied or written."""
     from lab import onboard as ob  # imported on use: keeps `invoke --list` fast
     from lab.kube import KubeClient
 
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     if not namespace:
         raise Exit("✗ --namespace is required (the application's namespace)", code=1)
     target = _guard(lambda: cfg.cluster(cluster) if cluster else cfg.clusters[0])

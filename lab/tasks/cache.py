@@ -6,10 +6,9 @@ import json
 from typing import Any
 
 from invoke.context import Context
-from invoke.tasks import task
 
 from lab import logs
-from lab.cli import CONFIG_HELP, LOG_HELP
+from lab.cli import CONFIG_HELP, LOG_OPTIONS, task
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 from lab.config import LabConfig
@@ -49,12 +48,13 @@ def purge_cache(cfg: LabConfig) -> None:
     "config": CONFIG_HELP,
     "purge": "remove the cache containers and their volumes (every lab on the machine)",
     "json": "machine-readable output",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 })
 def cache(c: Context, config: str | None = None, purge: bool = False, json_: bool = False,
-          log_format: str | None = None) -> None:
+          log_format: str | None = None,
+          log_level: str | None = None, verbose: bool = False) -> None:
     """The shared image cache: state, size, the lab's images it holds; --purge removes it."""
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     if purge:
         purge_cache(cfg)
         return

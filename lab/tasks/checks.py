@@ -10,10 +10,8 @@ from typing import Any
 
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 
-from lab import logs
-from lab.cli import CONFIG_HELP, LOG_HELP
+from lab.cli import CONFIG_HELP, LOG_OPTIONS, setup_logging, task
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 
@@ -37,11 +35,12 @@ def _console() -> Any:
              "started in its namespace with its labels, deleted afterwards",
     "map": "also write the service map of the flows tried to this SVG file (Mermaid text "
            "next to it, same name with .md)",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 }, iterable=["cluster"])
 def verify(c: Context, config: str | None = None, cluster: list[str] | None = None,
            json_: bool = False, flows: str | None = None, map: str | None = None,
-           log_format: str | None = None) -> None:
+           log_format: str | None = None,
+           log_level: str | None = None, verbose: bool = False) -> None:
     """Check the running lab live and read-only: every gate, then the policy matrix.
 
     Flows with a trial are tried for real, each with what Hubble saw of the attempt (verdict,
@@ -53,7 +52,7 @@ def verify(c: Context, config: str | None = None, cluster: list[str] | None = No
     from lab import verify as lab_verify
     from lab.runner import Lab
 
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     base = _guard(lab_matrix.load)
     user = _guard(lambda: lab_matrix.load(Path(flows), base=base)) if flows else None
     lab = Lab(cfg, kubeconfig=os.environ.get("LAB_KUBECONFIG"))
@@ -92,19 +91,20 @@ def _write_map(flows: list[dict[str, Any]], svg: Path, title: str,
     "out": "write the SVG picture here (default: service-map.svg)",
     "mermaid": "write Mermaid text (a Markdown block, e.g. for $GITHUB_STEP_SUMMARY) to this "
                "file; '-' prints it",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 })
 def map(c: Context, config: str | None = None, cluster: str | None = None,
         flows: str | None = None, since: str | None = None, namespace: str | None = None,
         last: int = 0, out: str = "service-map.svg", mermaid: str | None = None,
-        log_format: str | None = None) -> None:
+        log_format: str | None = None,
+        log_level: str | None = None, verbose: bool = False) -> None:
     """Draw the service map (workloads by namespace, edges by port coloured by verdict) from
     Hubble flows — through hubble-relay, or from a recorded file with --flows — as SVG and
     Mermaid. Malformed lines are reported with their line number and skipped."""
     from lab import servicemap
 
     if flows:
-        logs.configure(log_format)  # a recorded file needs no lab config
+        setup_logging(log_format, log_level, verbose)  # a recorded file needs no lab config
         path = Path(flows)
         if not path.is_file():
             raise Exit(f"✗ {flows}: no such file (record one with "
@@ -115,7 +115,7 @@ def map(c: Context, config: str | None = None, cluster: str | None = None,
     else:
         from lab.kube import KubeClient
 
-        cfg = _setup(config, log_format)
+        cfg = _setup(config, log_format, log_level, verbose)
         target = _guard(lambda: cfg.cluster(cluster) if cluster else cfg.clusters[0])
         kube = KubeClient(target.kube_context, os.environ.get("LAB_KUBECONFIG"))
         text = _guard(lambda: servicemap.read_relay(kube, since, namespace,

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from invoke.context import Context
-from invoke.tasks import task
 
 from lab import logs
-from lab.cli import CONFIG_HELP, LEVEL_HELP, LOG_HELP, VERBOSE_HELP, output
+from lab.cli import CONFIG_HELP, LOG_OPTIONS, output, task
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 from lab.config import (
@@ -32,7 +31,6 @@ def _lab(cfg: LabConfig) -> Any:
     return Lab(cfg, kubeconfig=kubeconfig_from_env())
 
 
-LOG_OPTIONS = {"log_format": LOG_HELP, "log_level": LEVEL_HELP, "verbose": VERBOSE_HELP}
 UP_HELP = {
     "config": CONFIG_HELP,
     "to": "stop at this state: cluster, cni, gateway, certs, locked, meshed",

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 
 from lab import logs
 from lab.bootstrap import (
@@ -25,7 +24,7 @@ from lab.bootstrap import (
     pinned_versions,
     tools_dir,
 )
-from lab.cli import CONFIG_HELP, LOG_HELP
+from lab.cli import CONFIG_HELP, LOG_OPTIONS, setup_logging, task
 from lab.cli import guard as _guard
 from lab.cli import setup as _setup
 from lab.doctor import Finding, recorded_states, run_checks, to_json
@@ -40,12 +39,13 @@ MARKS = {"ok": "✓ ok", "warn": "! warn", "fail": "✗ fail"}
 @task(help={
     "config": CONFIG_HELP,
     "json": "print {ok, findings} as JSON (for CI); exit code 1 when a check fails",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 })
 def doctor(c: Context, config: str | None = None, json_: bool = False,
-           log_format: str | None = None) -> None:
+           log_format: str | None = None,
+           log_level: str | None = None, verbose: bool = False) -> None:
     """Preflight checks, each with its verdict, what was found and the fix."""
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     tools = lab_tools(cfg, logs.get("lab"))
     findings = _guard(lambda: run_checks(cfg, tools, states=recorded_states(cfg)))
     failed = [f for f in findings if f.verdict == "fail"]
@@ -67,17 +67,18 @@ def doctor(c: Context, config: str | None = None, json_: bool = False,
     "no_download": f"never download: report what to install instead (also {NO_DOWNLOAD_ENV}=1)",
     "envtest": "instead: the envtest kube-apiserver/etcd/kubectl the test suite's real-API "
                "tier runs (controller-tools release, SHA-512 verified); prints KUBEBUILDER_ASSETS",
-    "log_format": LOG_HELP,
+    **LOG_OPTIONS,
 })
 def tools(c: Context, config: str | None = None, no_download: bool = False,
-          envtest: bool = False, log_format: str | None = None) -> None:
+          envtest: bool = False, log_format: str | None = None,
+          log_level: str | None = None, verbose: bool = False) -> None:
     """Install the pinned kind, helm and Cilium CLI (SHA-256 verified) into the tools directory
     shared by every lab ($LAB_TOOLS_DIR, else ~/.cache/kind-cilium-lab/bin)."""
     if envtest:  # for the test suite: needs no lab config
-        logs.configure(log_format)
+        setup_logging(log_format, log_level, verbose)
         _envtest(allow=not no_download and not downloads_forbidden_by_env())
         return
-    cfg = _setup(config, log_format)
+    cfg = _setup(config, log_format, log_level, verbose)
     lab = lab_tools(cfg, logs.get("lab"))
     allow = downloads_allowed(cfg, no_download)
     installed = _guard(lambda: ensure_tools(cfg, lab, allow_download=allow))
