@@ -68,6 +68,19 @@ def own_context(tmp_path: Path, raw: dict[str, Any], fake: Path, emu: KubeEmulat
     return ctx
 
 
+@pytest.fixture
+def silent_api_gives_up_soon(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused API is retried for 30 s in the product (riding out restarts); these tests are
+    about what the step decides once it gives up, so they give up after 1 s."""
+    import functools
+
+    import lab.steps.base
+    from lab.kube import KubeClient
+
+    monkeypatch.setattr(lab.steps.base, "KubeClient",
+                        functools.partial(KubeClient, retry_budget=1.0))
+
+
 def half_create(fake: Path, ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A `kind create` killed after it made the containers (the fake leaves it `creating`)."""
     cfg = ctx.write_file("kind.yaml", ClusterStep().render(ctx).files["kind.yaml"])
@@ -118,6 +131,7 @@ def test_default_network_sets_no_override(tmp_path: Path, fake: Path, emu: KubeE
 
 # -- half-created clusters -------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("silent_api_gives_up_soon")
 def test_own_half_created_cluster_whose_api_never_came_up_is_replaced(
         tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = own_context(tmp_path, raw_config(), fake, emu)
@@ -130,6 +144,7 @@ def test_own_half_created_cluster_whose_api_never_came_up_is_replaced(
     assert ctx.facts.get("created") is True and CREATE_STARTED not in ctx.facts
 
 
+@pytest.mark.usefixtures("silent_api_gives_up_soon")
 def test_a_stopped_cluster_the_lab_did_not_create_is_left_alone(
         tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = own_context(tmp_path, raw_config(), fake, emu)
