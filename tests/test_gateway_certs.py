@@ -892,7 +892,8 @@ def test_trust_task_writes_out_and_prints(certs_ctx: StepContext, tmp_path: Path
     from lab.tasks.access import trust as trust_task
 
     assert trust_task in ACCESS_TASKS
-    assert set(trust_task.help) == {"config", "cluster", "out", "log_format"}
+    assert set(trust_task.help) == {"config", "cluster", "out", "log_format", "log_level",
+                                    "verbose"}
     config = tmp_path / "task-lab.yaml"
     raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
     raw["stateDir"] = str(certs_ctx.lab.state_dir)

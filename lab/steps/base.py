@@ -136,8 +136,10 @@ class Timeouts:
     certs: float = 300
     locked: float = 300
     meshed: float = 600
-    poll_start: float = 0.5
-    poll_max: float = 10.0
+    # A local cluster answers a gate's reads in milliseconds: polling at most every 2 s costs it
+    # nothing and lets each step move on within 2 s of its gate holding.
+    poll_start: float = 0.25
+    poll_max: float = 2.0
     image_pull: float = 180  # an image pull failing this long is taken as final
     report_every: float = 30  # how often a waiting gate shows its failing checks
 
@@ -151,7 +153,8 @@ class Timeouts:
         # A pull failure is called final well before a short deadline, so the user gets the
         # reason and its fix rather than a timeout.
         return cls(cluster=t, cni=t, gateway=t, certs=t, locked=t, meshed=t,
-                   poll_start=min(0.5, t / 20), poll_max=min(10.0, max(t / 5, 0.1)),
+                   poll_start=min(cls.poll_start, t / 20),
+                   poll_max=min(cls.poll_max, max(t / 5, 0.1)),
                    image_pull=min(cls.image_pull, t / 2))
 
     def for_gate(self, name: str) -> float:
