@@ -11,7 +11,7 @@ import pytest
 
 from lab.config import load_config
 from lab.state import Record, StateStore, Transition
-from tests.conftest import FAKE_BIN, load_upstream_crds, write_config
+from tests.conftest import load_upstream_crds, with_fakes, write_config
 from tests.e2e.helpers import (
     collect_diagnostics,
     http_get,
@@ -87,7 +87,7 @@ def test_http_get_sends_the_host_header() -> None:
 def test_collect_diagnostics_gathers_every_part(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     require_upstream()
-    monkeypatch.setenv("PATH", f"{FAKE_BIN}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", with_fakes(__import__('os').environ['PATH']))
     monkeypatch.setenv("LAB_FAKE_STATE", str(tmp_path / "fake"))
     (tmp_path / "fake").mkdir()
     cfg = load_config(write_config(tmp_path / "lab.yaml"))

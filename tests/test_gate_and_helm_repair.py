@@ -17,7 +17,7 @@ import yaml
 from lab.helm import ensure_release
 from lab.steps.base import HelmRelease, StepContext
 from lab.steps.gateway import GATEWAY_NAMESPACE, GATEWAY_SERVICE, ensure_node_ports
-from tests.conftest import FAKE_BIN, REPO, step_context
+from tests.conftest import FAKE_BIN, REPO, step_context, with_fakes
 from tests.fakes.fakelib import read_calls, wait_until_sleeping
 from tests.support.emulator import KubeEmulator
 
@@ -26,7 +26,7 @@ from tests.support.emulator import KubeEmulator
 def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StepContext]:
     """The shipped lab's first cluster on an empty API server, the fake helm on PATH."""
     monkeypatch.setenv("LAB_FAKE_STATE", str(tmp_path / "fake"))
-    monkeypatch.setenv("PATH", f"{FAKE_BIN}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", with_fakes(os.environ["PATH"]))
     raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
     with KubeEmulator() as emu:
         yield step_context(tmp_path, raw, emu, bin_dir=FAKE_BIN)

@@ -25,7 +25,14 @@ from lab import imagecache, logs
 from lab.config import parse_config
 from lab.errors import LabError
 from lab.tools import Tools
-from tests.conftest import FAKE_BIN, REPO, LabEnv, ready_node, upstream_dir, write_config
+from tests.conftest import (
+    REPO,
+    LabEnv,
+    ready_node,
+    upstream_dir,
+    with_fakes,
+    write_config,
+)
 from tests.support.emulator import KubeEmulator
 
 if sys.version_info >= (3, 11):
@@ -269,7 +276,7 @@ def test_two_labs_creating_it_at_once_share_one_cache(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = tmp_path / "fake"
     fake.mkdir()
-    monkeypatch.setenv("PATH", f"{FAKE_BIN}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", with_fakes(os.environ["PATH"]))
     monkeypatch.setenv("LAB_FAKE_STATE", str(fake))
     # every `docker run` takes a while: both labs find the cache missing and both create it
     monkeypatch.setenv("LAB_FAKE_SLEEP", "docker:run=0.5")
@@ -349,7 +356,7 @@ def test_a_cache_that_cannot_start_never_breaks_the_lab(
         caplog: pytest.LogCaptureFixture) -> None:
     fake = tmp_path / "fake"
     fake.mkdir()
-    monkeypatch.setenv("PATH", f"{FAKE_BIN}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", with_fakes(os.environ["PATH"]))
     monkeypatch.setenv("LAB_FAKE_STATE", str(fake))
     monkeypatch.setenv("LAB_FAKE_FAIL", "docker:run")
     log = logs.get("test")
@@ -469,7 +476,7 @@ def _prefetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                "networks": ["bridge", "kind"]}
         for registry, (name, _) in CACHES.items()}
     (fake / "docker.json").write_text(json.dumps({"standalone": standalone}))
-    monkeypatch.setenv("PATH", f"{FAKE_BIN}:{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", with_fakes(os.environ["PATH"]))
     monkeypatch.setenv("LAB_FAKE_STATE", str(fake))
     log = logs.get("test")
     job = imagecache.Prefetch(_cfg(tmp_path), Tools(None, log), log).start()

@@ -886,8 +886,15 @@ def render_go_template(src: str, data: Any) -> str:
 
 
 def yaml_mod() -> Any:
-    import yaml  # lazy: keeps `docker ps` & friends fast
+    """PyYAML, imported on first use: the fakes start with ``python3 -S`` (no site-packages,
+    half the start-up time), so the site directories are added only when a call needs YAML."""
+    try:
+        import yaml
+    except ImportError:
+        import site
 
+        site.main()
+        import yaml
     return yaml
 
 
