@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from lab import yamlio
 from lab.errors import ConfigError, ConfigProblem, LabError
 
 DEFAULT_CONFIG = Path("config/lab.yaml")
@@ -161,7 +162,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> LabConfig:
                                          f"pass --config PATH to a lab config file, or set "
                                          f"{CONFIG_ENV}; config/lab.yaml is the shipped one")])
     try:
-        raw = yaml.safe_load(cfg_path.read_text())
+        raw = yamlio.load(cfg_path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigProblem(str(cfg_path), "", f"not valid YAML: {exc}",
                                          "fix the YAML syntax")]) from exc

@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from lab import yamlio
 from lab.bootstrap import (
     CHUNK,
     DownloadError,
@@ -111,7 +112,7 @@ def _fetch_index(url: str) -> dict[str, Any]:
     except (urllib.error.URLError, OSError) as exc:
         raise _unreachable(url, exc, "the envtest index") from exc
     try:
-        data = yaml.safe_load(text)
+        data = yamlio.load(text)
     except yaml.YAMLError as exc:
         raise DownloadError(f"{url} is not YAML ({exc})", f"point {INDEX_ENV} at "
                             "controller-tools' envtest-releases.yaml") from exc

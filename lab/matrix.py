@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from lab import yamlio
 from lab.errors import LabError
 
 MATRIX_FILE = Path(__file__).with_name("data") / "policy-matrix.yaml"
@@ -188,7 +189,7 @@ def load(path: Path | None = None, base: Matrix | None = None) -> Matrix:
     """The lab's matrix, or a user's flows file (which may use the lab's actors)."""
     path = path or MATRIX_FILE
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yamlio.load(path.read_text())
     except OSError as exc:
         raise MatrixError(str(path), [f"cannot read it: {exc.strerror}"]) from exc
     except yaml.YAMLError as exc:

@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from lab import imagecache
+from lab import imagecache, yamlio
 from lab.errors import LabError, ToolError
 from lab.kube import KubeError
 from lab.steps.base import Rendered, StepContext, Verdict, dump_yaml
@@ -298,7 +296,7 @@ class ClusterStep:
         found: list[str] = []
         cm = ctx.kube.get("v1", "ConfigMap", "kubeadm-config", "kube-system")
         if cm:
-            kubeadm = yaml.safe_load(cm.get("data", {}).get("ClusterConfiguration", "")) or {}
+            kubeadm = yamlio.load(cm.get("data", {}).get("ClusterConfiguration", "")) or {}
             net = kubeadm.get("networking", {})
             if net.get("podSubnet") and net["podSubnet"] != c.pod_cidr:
                 found.append(f"pod subnet is {net['podSubnet']}, config says {c.pod_cidr}")

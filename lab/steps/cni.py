@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from lab import ca
+from lab import ca, yamlio
 from lab.errors import LabError
 from lab.helm import ensure_release
 from lab.hubble import relay_serves
@@ -176,7 +176,7 @@ class CniStep:
                 with os.fdopen(fd, "wb") as out:
                     out.write(data)
                 os.replace(tmp, path)
-            docs.extend(d for d in yaml.safe_load_all(data) if d)
+            docs.extend(d for d in yamlio.load_all(data) if d)
         return docs
 
     def _wait_crds_established(self, ctx: StepContext) -> None:

@@ -904,6 +904,11 @@ def yaml_dump(data: Any) -> str:
                          default_flow_style=False, sort_keys=False, allow_unicode=True))
 
 
+def yaml_load_all(text: str) -> Any:
+    yaml = yaml_mod()
+    return yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def yaml_load(text: str) -> Any:
     yaml = yaml_mod()
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
@@ -1464,7 +1469,7 @@ def _strict_check(node: Any, schema: Any, path: str, problems: list[str]) -> Non
 def kind_load_config(text: str) -> dict[str, Any]:
     yaml = yaml_mod()
     try:
-        data = yaml.safe_load(text) if text.strip() else {}
+        data = yaml_load(text) if text.strip() else {}
     except yaml.YAMLError as e:
         raise kind_error(f"failed to create cluster: could not determine kind / apiVersion for "
                          f"config: {e}") from None
@@ -2989,7 +2994,7 @@ def chart_objects(state: State, name: str, release: str, namespace: str
             text = fh.read()
         text = re.sub(r"\{\{-?\s*\.Release\.Namespace\s*-?\}\}", namespace, text)
         text = re.sub(r"\{\{-?\s*\.Release\.Name\s*-?\}\}", release, text)
-        for doc in yaml_mod().safe_load_all(text):
+        for doc in yaml_load_all(text):
             if isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"):
                 objs.append(doc)
     order = {k: i for i, k in enumerate(HELM_INSTALL_ORDER)}

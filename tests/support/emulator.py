@@ -127,6 +127,9 @@ STRATEGIC_MERGE_KEYS: dict[str, tuple[str, ...]] = {
     "ports": ("containerPort", "port", "name"),
 }
 
+# libyaml where PyYAML has it: apply bodies and CRD files parse ~10x faster
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 
 # -- resource types -------------------------------------------------------------------------------
 
@@ -326,7 +329,7 @@ def _parse_body(raw: bytes) -> Any:
     except ValueError:
         pass
     try:
-        return yaml.safe_load(raw)
+        return yaml.load(raw, Loader=_YAML_LOADER)
     except yaml.YAMLError as exc:
         raise _bad_request(f"the request body is neither JSON nor YAML: {exc}") from exc
 
@@ -1008,7 +1011,7 @@ class KubeEmulator:
         target = Path(path)
         config: JSON = {}
         if target.exists():
-            config = yaml.safe_load(target.read_text()) or {}
+            config = yaml.load(target.read_text(), Loader=_YAML_LOADER) or {}
         cluster = cluster_name or context
         config.setdefault("apiVersion", "v1")
         config.setdefault("kind", "Config")
@@ -1103,7 +1106,7 @@ class KubeEmulator:
                 else [item]
         names = []
         for file in files:
-            for doc in yaml.safe_load_all(file.read_text()):
+            for doc in yaml.load_all(file.read_text(), Loader=_YAML_LOADER):
                 if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
                     names.append(self.put(doc)["metadata"]["name"])
         return names
