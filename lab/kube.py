@@ -165,11 +165,9 @@ class KubeClient:
         return kclient.ApiClient(configuration)
 
     def stream_client(self) -> Any:
-        """A fresh ApiClient for one websocket stream (exec, port-forward).
-
-        ``kubernetes.stream`` swaps ``call_api`` on the client it is given while the websocket
-        connects, so a REST call made meanwhile on a shared client would go down the websocket
-        path. The caller closes it."""
+        """A fresh ApiClient for one websocket stream (exec, port-forward), with the shared
+        configuration: a stream (and its thread) never shares state with the REST calls made
+        meanwhile. The caller closes it."""
         from kubernetes import client as kclient
 
         return kclient.ApiClient(self.api.configuration)
@@ -442,18 +440,29 @@ class ExecResult:
     stderr: str
 
 
+def _ws_request(api: Any, path: str, query: list[tuple[str, Any]]) -> tuple[str, Any]:
+    """URL (query included) and headers (the credentials) of a websocket subresource request,
+    built the way every REST call is (``param_serialize``). The generated ``CoreV1Api`` would do
+    the same, but importing it costs ~0.9 s of CPU on every task that execs."""
+    _, url, headers, _, _ = api.param_serialize("GET", path, query_params=query,
+                                                header_params={}, auth_settings=["BearerToken"])
+    return url, headers
+
+
 def _open_exec(api: Any, namespace: str, pod: str, command: list[str],
                container: str | None) -> Any:
     """The exec subresource's websocket (stdout and stderr, no stdin, no TTY) on ``api``, an
     ApiClient of the stream's own (see KubeClient.stream_client)."""
-    from kubernetes.client import CoreV1Api
-    from kubernetes.stream import stream
+    from kubernetes.stream import ws_client
 
-    kwargs: dict[str, Any] = {"command": command, "stdout": True, "stderr": True,
-                              "stdin": False, "tty": False, "_preload_content": False}
+    query: list[tuple[str, Any]] = [("command", word) for word in command]
     if container:
-        kwargs["container"] = container
-    return stream(CoreV1Api(api).connect_get_namespaced_pod_exec, pod, namespace, **kwargs)
+        query.append(("container", container))
+    query += [("stderr", "true"), ("stdin", "false"), ("stdout", "true"), ("tty", "false")]
+    url, headers = _ws_request(api, f"/api/v1/namespaces/{quote(namespace)}/pods/"
+                                    f"{quote(pod)}/exec", query)
+    return ws_client.websocket_call(  # type: ignore[no-untyped-call]
+        api.configuration, "GET", url, headers=headers, _preload_content=False)
 
 
 def _within(deadline: float, open_: Callable[[], Any]) -> Any:
@@ -486,10 +495,9 @@ def _within(deadline: float, open_: Callable[[], Any]) -> Any:
 def _exec(client: KubeClient, namespace: str, pod: str, command: list[str],
           container: str | None, timeout: float) -> ExecResult:
     """Run to completion or until ``timeout``: every wait below is bounded by one deadline."""
-    # Imported before the clock starts: the first import of the exec API takes seconds.
-    from kubernetes.client import CoreV1Api  # noqa: F401
+    # Imported before the clock starts: the first import of the websocket client takes a while.
     from kubernetes.client.exceptions import ApiException
-    from kubernetes.stream import stream  # noqa: F401
+    from kubernetes.stream import ws_client  # noqa: F401
 
     doing = f"running {command[0]} in {namespace}/{pod}"
     late = Unreachable(
@@ -589,14 +597,16 @@ def _port_forward(client: KubeClient, namespace: str, pod: str, remote_port: int
     import select
     import socket
 
-    from kubernetes.client import CoreV1Api
-    from kubernetes.stream import portforward
+    from kubernetes.stream import ws_client
 
     def relay(conn: socket.socket) -> None:
         api = client.stream_client()
         try:
-            pf = portforward(CoreV1Api(api).connect_get_namespaced_pod_portforward,
-                             pod, namespace, ports=str(remote_port))
+            url, headers = _ws_request(
+                api, f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}/portforward",
+                [("ports", str(remote_port))])
+            pf = ws_client.portforward_call(  # type: ignore[no-untyped-call]
+                api.configuration, "GET", url, headers=headers)
             remote = pf.socket(remote_port)
         except Exception as exc:  # one refused connection must not end the forward
             logs.get("lab.kube").warning("port_forward.failed", pod=f"{namespace}/{pod}",

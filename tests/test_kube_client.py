@@ -13,7 +13,6 @@ from typing import Any
 
 import kubernetes.stream  # noqa: F401 - imported up front: the deadlines measure the exec
 import pytest
-from kubernetes.client import CoreV1Api  # noqa: F401
 
 from lab.kube import KubeClient, KubeError, Unavailable, Unreachable
 from tests.support.flaky_api import (
@@ -292,3 +291,21 @@ def test_a_410_error_event_in_the_stream_relists(api: FlakyApi, tmp_path: Path) 
     watch_rvs = [s.query.get("resourceVersion") for s in api.seen("GET", CONFIGMAPS)
                  if s.query.get("watch") == ["true"]]
     assert watch_rvs == [["5"], ["9"]]
+
+
+def test_exec_asks_for_the_command_with_the_contexts_credentials(
+        api: FlakyApi, tmp_path: Path) -> None:
+    """The websocket request is built like every REST call: the bearer token of the context,
+    the command word by word, the container, stdout and stderr without stdin or a TTY."""
+    api.script("GET", EXEC, status(403, "Forbidden", "exec is not allowed"))
+    api.start()
+    kube = client(api, tmp_path)
+    with pytest.raises(KubeError):
+        kube.exec("kube-system", "agent", ["hubble", "observe", "--last", "1"],
+                  container="cilium-agent", timeout=5)
+    (seen,) = [s for s in api.state.seen if s.path == EXEC]
+    assert seen.headers["authorization"] == "Bearer t"
+    assert seen.headers["upgrade"].lower() == "websocket"
+    assert seen.query == {"command": ["hubble", "observe", "--last", "1"],
+                          "container": ["cilium-agent"], "stderr": ["true"], "stdin": ["false"],
+                          "stdout": ["true"], "tty": ["false"]}

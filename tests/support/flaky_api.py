@@ -46,6 +46,7 @@ class Seen:
     path: str
     query: dict[str, list[str]]
     at: float
+    headers: dict[str, str] = field(default_factory=dict)  # names lower-cased
 
 
 Action = Callable[["_Handler"], None]
@@ -165,7 +166,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.rfile.read(length)
         state = self.server_state
         with state.lock:
-            state.seen.append(Seen(self.command, url.path, parse_qs(url.query), time.monotonic()))
+            state.seen.append(Seen(self.command, url.path, parse_qs(url.query), time.monotonic(),
+                                   {k.lower(): v for k, v in self.headers.items()}))
             queue = state.script.get((self.command, url.path)) or []
             action = queue.pop(0) if queue else None
         if action is not None:
