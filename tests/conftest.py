@@ -40,8 +40,36 @@ def upstream_dir() -> Path:
     return deps.require_upstream()
 
 
+# Modules whose module-scoped fixture is a whole lab (or an expensive server): under xdist all of
+# a module's tests go to one worker, or each worker would build the fixture again (the mesh alone
+# is two real API servers and a `lab.mesh`).
+ONE_WORKER_MODULES = frozenset({
+    "test_mesh", "test_lab_flow", "test_emulator_exec", "test_imagecache", "test_gateway_certs",
+    "test_locked", "test_policy_oracle", "test_servicemap"})
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "xdist_group(name): run these tests on one xdist worker")
+    if getattr(config.option, "dist", "no") == "load":  # `-n N`: honour the groups below
+        config.option.dist = "loadgroup"
+    if getattr(config, "workerinput", {}).get("lab_loadgroup"):
+        config.option.loadgroup = True  # a worker parses the command line, not our switch
     deps.configure(config)  # fetch missing upstream files; one line for what is still missing
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist, controller side: tell each worker that groups are on."""
+    node.workerinput["lab_loadgroup"] = node.config.getvalue("dist") == "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if hasattr(item, "module") else ""
+        if module in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
 
 
 @functools.cache

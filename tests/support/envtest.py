@@ -133,7 +133,8 @@ class RealApi:
                 resp = conn.getresponse()
                 return resp.status, resp.read(), resp.headers
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError,
-                    http.client.CannotSendRequest, http.client.ResponseNotReady):
+                    http.client.CannotSendRequest, http.client.ResponseNotReady,
+                    ssl.SSLEOFError, ssl.SSLZeroReturnError):  # a kept-alive conn, closed by it
                 conn.close()
                 self._tl.conn = None
                 if attempt:
