@@ -42,10 +42,14 @@ def upstream_dir() -> Path:
 
 # Modules whose module-scoped fixture is a whole lab (or an expensive server): under xdist all of
 # a module's tests go to one worker, or each worker would build the fixture again (the mesh alone
-# is two real API servers and a `lab.mesh`).
-ONE_WORKER_MODULES = frozenset({
-    "test_mesh", "test_lab_flow", "test_emulator_exec", "test_imagecache", "test_gateway_certs",
-    "test_locked", "test_policy_oracle", "test_servicemap"})
+# is two real API servers and a `lab.mesh`). The modules on the session's shared real API server
+# share a worker too, so one server is started, not one per worker.
+XDIST_GROUPS = {
+    "test_mesh": "mesh", "test_imagecache": "imagecache", "test_gateway_certs": "gateway_certs",
+    "test_locked": "locked", "test_policy_oracle": "policy_oracle",
+    "test_servicemap": "servicemap",
+    "test_lab_flow": "envtest-shared", "test_envtest_api": "envtest-shared",
+    "test_emulator_exec": "envtest-shared"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -68,8 +72,8 @@ def pytest_configure_node(node: Any) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if hasattr(item, "module") else ""
-        if module in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(module))
+        if module in XDIST_GROUPS:
+            item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS[module]))
 
 
 @functools.cache

@@ -55,6 +55,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _PortTaken(Exception):
+    """A port picked as free was bound by someone else first."""
+
+
 class ApiFailure(Exception):
     """A non-2xx answer: ``code`` and the server's ``Status`` body."""
 
@@ -369,24 +373,38 @@ class EnvtestServer:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> EnvtestServer:
-        try:
-            self._start(self.assets, timeout)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        """Ports are picked free, then bound by etcd and kube-apiserver a moment later: another
+        server starting meanwhile (a parallel one, another xdist worker) can take one first. A
+        process that exits, or an etcd on our port that is not ours, means another try with new
+        ports — never an API server on another server's etcd."""
+        for attempt in range(3):
+            try:
+                self._start(self.assets, timeout)
+                return self
+            except _PortTaken:
+                self._stop_processes()
+                shutil.rmtree(self.root, ignore_errors=True)
+                self.root.mkdir(parents=True)
+                if attempt == 2:
+                    self.stop()
+                    raise
+            except BaseException:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
 
     def _start(self, assets: Path, timeout: float) -> None:
         client, peer, self.port = free_port(), free_port(), free_port()
         etcd_url = f"http://127.0.0.1:{client}"
+        etcd_name = f"envtest-{secrets.token_hex(4)}"  # to tell our etcd from another's
         self._spawn("etcd", [
-            str(assets / "etcd"), "--name", "envtest", "--data-dir", str(self.root / "etcd"),
+            str(assets / "etcd"), "--name", etcd_name, "--data-dir", str(self.root / "etcd"),
             "--unsafe-no-fsync", "--listen-client-urls", etcd_url,
             "--advertise-client-urls", etcd_url,
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-            "--initial-cluster", f"envtest=http://127.0.0.1:{peer}"])
-        self._wait(lambda: self._etcd_healthy(client), timeout, "etcd /health")
+            "--initial-cluster", f"{etcd_name}=http://127.0.0.1:{peer}"])
+        self._wait(lambda: self._etcd_is_ours(client, etcd_name), timeout, "etcd /health")
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         (self.root / "sa.key").write_bytes(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
@@ -423,8 +441,9 @@ class EnvtestServer:
             for proc in self._procs:
                 if proc.poll() is not None:
                     tail = self._log_tail()
-                    raise RuntimeError(f"{proc.args[0]} exited {proc.returncode} waiting for "
-                                       f"{what}:\n{tail}")
+                    error = _PortTaken if "address already in use" in tail else RuntimeError
+                    raise error(f"{proc.args[0]} exited {proc.returncode} waiting for "
+                                f"{what}:\n{tail}")
             try:
                 if check():
                     return
@@ -442,13 +461,19 @@ class EnvtestServer:
         return "\n".join(out)
 
     @staticmethod
-    def _etcd_healthy(port: int) -> bool:
+    def _etcd_is_ours(port: int, name: str) -> bool:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
             conn.request("GET", "/health")
-            return b'"true"' in conn.getresponse().read()
+            if b'"true"' not in conn.getresponse().read():
+                return False
+            conn.request("POST", "/v3/cluster/member/list", body=b"{}")
+            members = json.loads(conn.getresponse().read()).get("members") or []
         finally:
             conn.close()
+        if [m.get("name") for m in members] != [name]:
+            raise _PortTaken(f"another etcd answers on 127.0.0.1:{port}")
+        return True
 
     def _ready(self) -> bool:
         assert self.api is not None
@@ -457,6 +482,10 @@ class EnvtestServer:
 
     def stop(self) -> None:
         """End kube-apiserver, then etcd, by PID; remove the temp dirs."""
+        self._stop_processes()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_processes(self) -> None:
         for proc in reversed(self._procs):
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -466,7 +495,6 @@ class EnvtestServer:
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait(10)
         self._procs.clear()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     # -- access --------------------------------------------------------------------------------
 
