@@ -131,10 +131,12 @@ def test_a_bad_option_is_refused_with_what_to_change(lab_env: LabEnv, args: list
     nothing_happened(lab_env)
 
 
+# Every task has the options (test_short_flags_are_letters_and_v_is_verbose reads them all);
+# these runs prove them wired, one per code path: the lab config first (setup), or logging alone
+# (`lab.map --flows`, `lab.tools --envtest`).
 @pytest.mark.parametrize("task", [
-    ["lab.trust"], ["lab.hubble"], ["lab.hubble", "--observe"], ["lab.onboard", "web"],
-    ["lab.cache"], ["lab.verify"], ["lab.map"], ["lab.doctor"], ["lab.tools"],
-    ["lab.tools", "--envtest"], ["lab.status"], ["lab.render"]])
+    ["lab.trust"], ["lab.hubble", "--observe"], ["lab.onboard", "web"],
+    ["lab.map", "--flows", "flows.jsonl"], ["lab.tools", "--envtest"]])
 def test_every_task_takes_the_log_options(lab_env: LabEnv, task: list[str]) -> None:
     proc = lab_env.run(*task, "--log-level", "loud", "--verbose", check=False)
     assert proc.returncode == 1, proc.stderr
