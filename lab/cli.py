@@ -32,16 +32,10 @@ class LabTask(Task[Callable[..., Any]]):
     digit — plain invoke can pick the ``-`` of ``log-level``, shown as ``--=STRING``."""
 
     def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
-        opts: dict[str, Any] = super().arg_opts(name, default, set(taken_names) | set("-_"))
-        if not self.auto_shortflags:
-            return opts
-        long_name = opts["names"][0]
-        if name == "verbose":
-            opts["names"] = [long_name, "v"]
-        elif "verbose" in self.argspec(self.body).parameters:
-            taken = taken_names | {"v"}
-            short = next((ch for ch in long_name if ch.isalnum() and ch not in taken), None)
-            opts["names"] = [long_name, *([short] if short else [])]
+        # Invoke primes ``taken_names`` with every parameter name, so a task with --verbose is
+        # known before its other options pick their letters: they leave `v` to it.
+        reserved = set("-_") | ({"v"} if name != "verbose" and "verbose" in taken_names else set())
+        opts: dict[str, Any] = super().arg_opts(name, default, taken_names | reserved)
         return opts
 
 
