@@ -152,6 +152,15 @@ def write_atomic(path: str, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def append_jsonl(path: str, record: dict[str, Any]) -> None:
+    """One JSON line, in a single O_APPEND write: lines of concurrent fakes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(record) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 SLEEPING = "sleeping.jsonl"  # one line per fake call that entered its injected sleep
 
 
@@ -161,15 +170,10 @@ def log_call(state_dir: str, tool: str, argv: list[str]) -> None:
               "KIND_EXPERIMENTAL_DOCKER_NETWORK", "LAB_FAKE_FAIL", "LAB_FAKE_SLEEP"):
         if k in os.environ:
             env[k] = os.environ[k]
-    line = json.dumps({"tool": tool, "argv": argv, "time": time.time(), "pid": os.getpid(),
-                       "cwd": os.getcwd(), "env": env}) + "\n"
     os.makedirs(state_dir, exist_ok=True)
-    fd = os.open(os.path.join(state_dir, "calls.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    append_jsonl(os.path.join(state_dir, "calls.jsonl"),
+                 {"tool": tool, "argv": argv, "time": time.time(), "pid": os.getpid(),
+                  "cwd": os.getcwd(), "env": env})
 
 
 def injection_keys(tool: str, path: list[str]) -> list[str]:
@@ -236,14 +240,9 @@ def do_sleep(seconds: float) -> None:
 def _signal_sleeping() -> None:
     """Tell a waiting test the injected sleep began: whatever the fake records before it (a
     cluster "creating", a release "pending-*") is on disk now (`wait_until_sleeping`)."""
-    line = json.dumps({"tool": os.path.basename(sys.argv[0]), "argv": sys.argv[1:],
-                       "pid": os.getpid()}) + "\n"
-    fd = os.open(os.path.join(os.environ[STATE_ENV], SLEEPING), os.O_WRONLY | os.O_APPEND |
-                 os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    append_jsonl(os.path.join(os.environ[STATE_ENV], SLEEPING),
+                 {"tool": os.path.basename(sys.argv[0]), "argv": sys.argv[1:],
+                  "pid": os.getpid()})
 
 
 def fail_with(spec: dict[str, Any], default_stderr: str, default_code: int = 1) -> Exit:
@@ -283,13 +282,8 @@ def main(tool: str, argv: list[str]) -> int:
 
 def log_end(state_dir: str, code: int) -> None:
     """``ends.jsonl``: when each call (by pid) finished, so tests can see calls overlap."""
-    line = json.dumps({"pid": os.getpid(), "time": time.time(), "code": code}) + "\n"
-    fd = os.open(os.path.join(state_dir, "ends.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-                 0o644)
-    try:
-        os.write(fd, line.encode())
-    finally:
-        os.close(fd)
+    append_jsonl(os.path.join(state_dir, "ends.jsonl"),
+                 {"pid": os.getpid(), "time": time.time(), "code": code})
 
 
 # ================================================================================================
