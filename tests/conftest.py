@@ -6,7 +6,6 @@ product code under lab/ runs unchanged against them and against a real HTTP API 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -76,22 +75,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS[module]))
 
 
-@functools.cache
-def _parsed_crds(folder: str) -> tuple[dict[str, Any], ...]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    docs: list[dict[str, Any]] = []
-    for path in sorted(Path(folder).glob("*.yaml")):
-        docs.extend(d for d in yaml.load_all(path.read_text(), Loader=loader) if d)
-    return tuple(docs)
-
-
 def load_upstream_crds(emu: KubeEmulator, *folders: str) -> None:
     """Serve upstream CRDs (e.g. "cilium-1.18.4/crds") in the emulator; parsed once per run."""
-    import copy
+    from tests.support.envtest import load_yaml_docs
 
     for folder in folders:
-        for doc in _parsed_crds(str(upstream_dir() / folder)):
-            emu.put(copy.deepcopy(doc))
+        for doc in load_yaml_docs(upstream_dir() / folder):  # parsed once, copied each time
+            emu.put(doc)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lab import trust
+from lab import trust, yamlio
 from lab.errors import LabError
 from lab.network import PoolError
 from lab.steps.base import StepContext, Timeouts, Verdict
@@ -361,12 +361,11 @@ def set_docker_subnets(state: Path, subnets: list[str] | None) -> None:
 def crds() -> list[Obj]:
     """The pinned CRDs the two steps use, parsed once (they are large)."""
     up = require_upstream()
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     files = [*sorted((up / "gateway-api-1.4.0" / "standard").glob("*.yaml")),
              *sorted((up / "cert-manager-1.19.0" / "crds").glob("*.yaml")),
              up / "cilium-1.18.4" / "crds" / "ciliumloadbalancerippools.yaml",
              up / "cilium-1.18.4" / "crds" / "ciliuml2announcementpolicies.yaml"]
-    return [d for f in files for d in yaml.load_all(f.read_text(), Loader=loader)
+    return [d for f in files for d in yamlio.load_all(f.read_text())
             if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
 
 

@@ -23,7 +23,7 @@ import yaml
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from lab import logs
+from lab import logs, yamlio
 from lab.config import parse_config
 from lab.errors import LabError
 from lab.matrix import load as load_matrix
@@ -229,8 +229,7 @@ def test_every_problem_is_listed_at_once() -> None:
 # -- onboarding against the API emulator -----------------------------------------------------------
 
 def _crd_docs(*files: Path) -> list[Obj]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return [d for f in files for d in yaml.load_all(f.read_text(), Loader=loader)
+    return [d for f in files for d in yamlio.load_all(f.read_text())
             if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
 
 

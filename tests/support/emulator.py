@@ -70,6 +70,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from lab import yamlio
+
 __all__ = [
     "BUILTIN_APPLY_SCHEMAS",
     "BUILTIN_RESOURCES",
@@ -126,9 +128,6 @@ STRATEGIC_MERGE_KEYS: dict[str, tuple[str, ...]] = {
     "imagePullSecrets": ("name",), "conditions": ("type",),
     "ports": ("containerPort", "port", "name"),
 }
-
-# libyaml where PyYAML has it: apply bodies and CRD files parse ~10x faster
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 # -- resource types -------------------------------------------------------------------------------
@@ -329,7 +328,7 @@ def _parse_body(raw: bytes) -> Any:
     except ValueError:
         pass
     try:
-        return yaml.load(raw, Loader=_YAML_LOADER)
+        return yamlio.load(raw)
     except yaml.YAMLError as exc:
         raise _bad_request(f"the request body is neither JSON nor YAML: {exc}") from exc
 
@@ -1011,7 +1010,7 @@ class KubeEmulator:
         target = Path(path)
         config: JSON = {}
         if target.exists():
-            config = yaml.load(target.read_text(), Loader=_YAML_LOADER) or {}
+            config = yamlio.load(target.read_text()) or {}
         cluster = cluster_name or context
         config.setdefault("apiVersion", "v1")
         config.setdefault("kind", "Config")
@@ -1106,7 +1105,7 @@ class KubeEmulator:
                 else [item]
         names = []
         for file in files:
-            for doc in yaml.load_all(file.read_text(), Loader=_YAML_LOADER):
+            for doc in yamlio.load_all(file.read_text()):
                 if isinstance(doc, dict) and doc.get("kind") == "CustomResourceDefinition":
                     names.append(self.put(doc)["metadata"]["name"])
         return names

@@ -40,6 +40,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from lab import yamlio
+
 Obj = dict[str, Any]
 
 # metadata a server sets: an object read back and created again leaves them out
@@ -349,10 +351,9 @@ def load_yaml_docs(folder: Path) -> list[Obj]:
 @functools.cache
 def _parsed(folder: str) -> tuple[Obj, ...]:
     """Each folder parsed once per session (the CRDs are megabytes of YAML)."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     docs: list[Obj] = []
     for path in sorted(Path(folder).glob("*.yaml")):
-        docs.extend(d for d in yaml.load_all(path.read_text(), Loader=loader) if d)
+        docs.extend(d for d in yamlio.load_all(path.read_text()) if d)
     return tuple(docs)
 
 

@@ -64,7 +64,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jsonschema
-import yaml
+
+from lab import yamlio
 
 __all__ = [
     "CERT_MANAGER_DIR",
@@ -161,9 +162,7 @@ def require_upstream() -> Path:
 
 
 def _yaml_load_all(path: Path) -> list[Any]:
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    with path.open(encoding="utf-8") as fh:
-        return [doc for doc in yaml.load_all(fh, Loader=loader) if doc is not None]
+    return [doc for doc in yamlio.load_all(path.read_text(encoding="utf-8")) if doc is not None]
 
 
 def _fmt_path(parts: Iterable[Any]) -> str:
