@@ -73,6 +73,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         module = item.module.__name__.rsplit(".", 1)[-1] if hasattr(item, "module") else ""
         if module in XDIST_GROUPS:
             item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS[module]))
+    if getattr(config.option, "loadgroup", False) or config.getoption("dist", "no") == "loadgroup":
+        # The two longest groups first, one per worker, while the rest fills in around them:
+        # started last, either would leave the other worker idle at the end.
+        first = ("mesh", "envtest-shared")
+        items.sort(key=lambda i: next((n for n, g in enumerate(first) if any(
+            m.args == (g,) for m in i.iter_markers("xdist_group"))), len(first)))
 
 
 def load_upstream_crds(emu: KubeEmulator, *folders: str) -> None:
