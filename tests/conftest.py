@@ -227,21 +227,16 @@ def ready_node(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def lab_env(tmp_path: Path) -> Iterator[LabEnv]:
-    """The shipped single-cluster lab against one emulator; nodes registered, not Ready (no CNI)."""
+def lab_env(tmp_path: Path, kube_api: Any) -> LabEnv:
+    """The shipped single-cluster lab against a clean real API server (the pinned CRDs and nothing
+    else) behind an ``ApiFront``; its node registered, not Ready (no CNI yet)."""
     fake_state = tmp_path / "fake"
     fake_state.mkdir()
-    emu = KubeEmulator().start()
-    try:
-        emu.put(ready_node("lab-control-plane"))
-        (fake_state / "apiservers.json").write_text(json.dumps({"lab": emu.url}))
-        env = LabEnv(root=tmp_path, config=write_config(tmp_path / "lab.yaml"),
-                     fake_state=fake_state, kubeconfig=tmp_path / "kubeconfig",
-                     emulators={"lab": emu})
-        yield env
-        assert emu.callback_errors == [], "a test hook of the emulator crashed"
-    finally:
-        emu.stop()
+    kube_api.put(ready_node("lab-control-plane"))
+    (fake_state / "apiservers.json").write_text(json.dumps({"lab": kube_api.url}))
+    return LabEnv(root=tmp_path, config=write_config(tmp_path / "lab.yaml"),
+                  fake_state=fake_state, kubeconfig=tmp_path / "kubeconfig",
+                  emulators={"lab": kube_api})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -275,6 +270,38 @@ def envtest(envtest_pool: Any) -> Any:
     """The session's shared real API server with the pinned CRDs Established; tests isolate by
     namespace (``envtest_namespace``) or apply with dryRun."""
     return envtest_pool.shared()
+
+
+@pytest.fixture
+def envtest_cluster(envtest_pool: Any) -> Any:
+    """A real API server for this test alone: the pinned CRDs Established and nothing else (one
+    per worker, reset in etcd before each test)."""
+    return envtest_pool.clean()[0]
+
+
+def _front(server: Any) -> Iterator[Any]:
+    from tests.support.emulator import ApiFront
+
+    front = ApiFront(server.client.as_user_agent("test")).start()
+    try:
+        yield front
+        # a test's controller hook that crashed inside a write must not pass for a failing gate
+        assert front.callback_errors == [], "a test hook of the API front crashed"
+    finally:
+        front.stop()
+
+
+@pytest.fixture
+def kube_api(envtest_cluster: Any) -> Iterator[Any]:
+    """``ApiFront`` over this test's clean real API server: what the product's kubeconfig points
+    at (``write_kubeconfig``), with the test-side calls, recording, faults and exec hooks."""
+    yield from _front(envtest_cluster)
+
+
+@pytest.fixture
+def bare_kube_api(envtest_pool: Any) -> Iterator[Any]:
+    """Like ``kube_api``, on a server without even the pinned CRDs (a cluster kind just made)."""
+    yield from _front(envtest_pool.clean(crds=False)[0])
 
 
 @pytest.fixture

@@ -19,9 +19,9 @@ from lab.state import Record, StateStore
 from lab.steps.base import StepContext, Timeouts
 from lab.steps.cni import CniStep, cilium_values, gateway_api_crds
 from lab.tools import Tools
-from tests.conftest import REPO, LabEnv, load_upstream_crds, write_config
+from tests.conftest import REPO, LabEnv, write_config
 from tests.support import objects
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 from tests.support.upstream import require_upstream, validate_helm_values
 
 
@@ -161,21 +161,20 @@ def test_parallel_clusters_filling_the_crd_cache_never_share_a_temp_file(
 # -- the gate -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def cni_emulator(tmp_path: Path) -> Iterator[tuple[KubeEmulator, StepContext]]:
-    require_upstream()
-    with KubeEmulator() as emu:
-        load_upstream_crds(emu, "cilium-1.18.4/crds")
-        for obj in objects.cni_ready(["lab-control-plane"]):
-            emu.put(obj)
-        emu.on_exec(lambda ns, pod, container, cmd: (0, objects.hubble_status_json(1), "")
-                    if cmd[:2] == ["hubble", "status"] else (1, "", "unexpected command"))
-        kubeconfig = tmp_path / "kubeconfig"
-        emu.write_kubeconfig(kubeconfig, context="kind-lab")
-        yield emu, _ctx(tmp_path, kubeconfig=kubeconfig)
+def cni_emulator(tmp_path: Path, kube_api: ApiFront) -> tuple[ApiFront, StepContext]:
+    """kube-system of a healthy Cilium + Hubble install on a real API server."""
+    emu = kube_api
+    for obj in objects.cni_ready(["lab-control-plane"]):
+        emu.put(obj)
+    emu.on_exec(lambda ns, pod, container, cmd: (0, objects.hubble_status_json(1), "")
+                if cmd[:2] == ["hubble", "status"] else (1, "", "unexpected command"))
+    kubeconfig = tmp_path / "kubeconfig"
+    emu.write_kubeconfig(kubeconfig, context="kind-lab")
+    return emu, _ctx(tmp_path, kubeconfig=kubeconfig)
 
 
 def test_gate_holds_when_everything_is_ready(
-        cni_emulator: tuple[KubeEmulator, StepContext]) -> None:
+        cni_emulator: tuple[ApiFront, StepContext]) -> None:
     _, ctx = cni_emulator
     verdict = CniStep().ready(ctx)
     assert verdict.ready, verdict.explain()
@@ -187,7 +186,7 @@ def test_gate_holds_when_everything_is_ready(
         "every node registered with Cilium", "hubble relay serves every node"]
 
 
-def _break(emu: KubeEmulator, case: str) -> None:
+def _break(emu: ApiFront, case: str) -> None:
     if case == "agent daemonset not rolled out":
         emu.patch_status("apps/v1", "DaemonSet", "cilium", "kube-system", {"numberReady": 0})
     elif case == "envoy missing":
@@ -232,7 +231,7 @@ GATE_CASES = {
 
 
 @pytest.mark.parametrize(("case", "check"), GATE_CASES.items(), ids=list(GATE_CASES))
-def test_each_failing_condition_is_named(cni_emulator: tuple[KubeEmulator, StepContext],
+def test_each_failing_condition_is_named(cni_emulator: tuple[ApiFront, StepContext],
                                          case: str, check: str) -> None:
     emu, ctx = cni_emulator
     _break(emu, case)
@@ -242,7 +241,7 @@ def test_each_failing_condition_is_named(cni_emulator: tuple[KubeEmulator, StepC
 
 
 def test_gate_timeout_names_the_failing_conditions(
-        cni_emulator: tuple[KubeEmulator, StepContext]) -> None:
+        cni_emulator: tuple[ApiFront, StepContext]) -> None:
     from lab.errors import GateTimeout
 
     emu, ctx = cni_emulator
@@ -266,17 +265,7 @@ def lab_env(lab_env: LabEnv) -> Iterator[LabEnv]:
 def _seed_cni(lab_env: LabEnv) -> None:
     """The fake helm 'installs' the chart as ready objects; the CRD cache holds the pinned files."""
     up = require_upstream()
-    emu = lab_env.emulators["lab"]
-    load_upstream_crds(emu, "cilium-1.18.4/crds")
-
-    def established(verb: str, obj: dict) -> None:  # type: ignore[type-arg]
-        if obj.get("kind") == "CustomResourceDefinition" and verb in ("create", "patch") \
-                and not obj.get("status", {}).get("conditions"):
-            emu.patch_status("apiextensions.k8s.io/v1", "CustomResourceDefinition",
-                             obj["metadata"]["name"], None,
-                             {"conditions": [{"type": "Established", "status": "True"}]})
-
-    emu.on_write(established)
+    emu = lab_env.emulators["lab"]  # a real API server: it establishes the CRDs itself
     emu.on_exec(lambda *a: (0, objects.hubble_status_json(1), ""))
     charts = lab_env.fake_state / "charts" / "cilium"
     charts.mkdir(parents=True)

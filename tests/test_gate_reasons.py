@@ -16,7 +16,6 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,9 @@ import yaml
 from lab.errors import GateTimeout, LabError
 from lab.steps.base import CANCELLED, Check, StepContext, Timeouts, Verdict
 from lab.steps.cni import CniStep
-from tests.conftest import REPO, load_upstream_crds, step_context
+from tests.conftest import REPO, step_context
 from tests.support import objects
-from tests.support.emulator import KubeEmulator
-from tests.support.upstream import require_upstream
+from tests.support.emulator import ApiFront
 
 NODE = "lab-control-plane"
 AGENT_IMAGE = "quay.io/cilium/cilium:v1.18.4@sha256:" + "0" * 64
@@ -48,19 +46,17 @@ def relay_status(connected: int, unavailable: int = 0, names: tuple[str, ...] = 
 
 
 @pytest.fixture
-def cni(tmp_path: Path) -> Iterator[tuple[KubeEmulator, StepContext]]:
-    """A kube-system where Cilium and Hubble are healthy on one node; the relay answers."""
-    require_upstream()
-    with KubeEmulator() as emu:
-        load_upstream_crds(emu, "cilium-1.18.4/crds")
-        for obj in objects.cni_ready([NODE]):
-            emu.put(obj)
-        emu.on_exec(lambda ns, pod, container, cmd: (0, relay_status(1), "")
-                    if cmd[:2] == ["hubble", "status"] else (1, "", "unexpected command"))
-        raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
-        ctx = step_context(tmp_path, raw, emu,
-                           Timeouts(cni=5, poll_start=0.05, poll_max=0.2))
-        yield emu, ctx
+def cni(tmp_path: Path, kube_api: ApiFront) -> tuple[ApiFront, StepContext]:
+    """A kube-system where Cilium and Hubble are healthy on one node (a real API server); the
+    relay answers."""
+    emu = kube_api
+    for obj in objects.cni_ready([NODE]):
+        emu.put(obj)
+    emu.on_exec(lambda ns, pod, container, cmd: (0, relay_status(1), "")
+                if cmd[:2] == ["hubble", "status"] else (1, "", "unexpected command"))
+    raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
+    ctx = step_context(tmp_path, raw, emu, Timeouts(cni=5, poll_start=0.05, poll_max=0.2))
+    return emu, ctx
 
 
 def kube_system_pod(name: str, *, phase: str = "Pending", ready: bool = False,
@@ -118,7 +114,7 @@ PULL_MESSAGE = ('Back-off pulling image "' + AGENT_IMAGE + '": ErrImagePull: fai
         "{node.kubernetes.io/not-ready: }.")),
      ["coredns-x", "unschedulable", "untolerated taint {node.kubernetes.io/not-ready: }"]),
 ], ids=["image pull back-off", "crash loop", "config error", "unschedulable"])
-def test_the_gate_names_why_a_pod_is_not_ready(cni: tuple[KubeEmulator, StepContext],
+def test_the_gate_names_why_a_pod_is_not_ready(cni: tuple[ApiFront, StepContext],
                                                pod: dict[str, Any], expected: list[str]) -> None:
     emu, ctx = cni
     emu.put(pod)
@@ -129,7 +125,7 @@ def test_the_gate_names_why_a_pod_is_not_ready(cni: tuple[KubeEmulator, StepCont
 
 
 def test_node_pressure_is_named_with_the_pod_it_keeps_out(
-        cni: tuple[KubeEmulator, StepContext]) -> None:
+        cni: tuple[ApiFront, StepContext]) -> None:
     emu, ctx = cni
     node = copy.deepcopy(emu.get("v1", "Node", NODE))
     assert node is not None
@@ -165,7 +161,7 @@ def _wait(ctx: StepContext, timeout: float) -> tuple[BaseException | None, float
                      restarts=3),
      "3 restarts", "kubectl -n kube-system logs cilium-crash -c cilium-agent --previous"),
 ], ids=["invalid image name", "crash loop at 3 restarts"])
-def test_a_terminal_condition_ends_the_wait_at_once(cni: tuple[KubeEmulator, StepContext],
+def test_a_terminal_condition_ends_the_wait_at_once(cni: tuple[ApiFront, StepContext],
                                                     pod: dict[str, Any], expected: str,
                                                     fix: str) -> None:
     emu, ctx = cni
@@ -177,7 +173,7 @@ def test_a_terminal_condition_ends_the_wait_at_once(cni: tuple[KubeEmulator, Ste
 
 
 def test_an_image_pull_error_ends_the_wait_once_it_persists(
-        cni: tuple[KubeEmulator, StepContext]) -> None:
+        cni: tuple[ApiFront, StepContext]) -> None:
     emu, ctx = cni
     ctx.timeouts.image_pull = 0.6  # the lab's default is minutes: a pull may be slow or retried
     emu.put(kube_system_pod("cilium-pull", waiting=("ErrImagePull", PULL_MESSAGE)))
@@ -188,7 +184,7 @@ def test_an_image_pull_error_ends_the_wait_once_it_persists(
 
 
 def test_a_young_image_pull_error_is_waited_out_but_named(
-        cni: tuple[KubeEmulator, StepContext]) -> None:
+        cni: tuple[ApiFront, StepContext]) -> None:
     emu, ctx = cni
     ctx.timeouts.image_pull = 60
     emu.put(kube_system_pod("cilium-pull", waiting=("ErrImagePull", PULL_MESSAGE)))
@@ -198,7 +194,7 @@ def test_a_young_image_pull_error_is_waited_out_but_named(
 
 
 def test_a_crash_loop_below_three_restarts_is_not_terminal(
-        cni: tuple[KubeEmulator, StepContext]) -> None:
+        cni: tuple[ApiFront, StepContext]) -> None:
     emu, ctx = cni
     emu.put(kube_system_pod("cilium-crash", phase="Running", restarts=2,
                             waiting=("CrashLoopBackOff", "back-off 20s")))
@@ -208,7 +204,7 @@ def test_a_crash_loop_below_three_restarts_is_not_terminal(
 
 @pytest.mark.parametrize("phase", ["Failed", "Unknown"])
 def test_a_leftover_pod_from_an_earlier_attempt_does_not_block(
-        cni: tuple[KubeEmulator, StepContext], phase: str) -> None:
+        cni: tuple[ApiFront, StepContext], phase: str) -> None:
     emu, ctx = cni
     emu.put(kube_system_pod("cilium-old", phase=phase, node="lab-worker-gone"))
     verdict = CniStep().ready(ctx)
@@ -243,7 +239,7 @@ def test_a_waiting_gate_reports_its_failing_checks_at_normal_verbosity(tmp_path:
     (relay_status(0, 1, (f"lab/{NODE}",)), False, f"lab/{NODE}"),
 ], ids=["alone", "meshed", "a remote node unavailable", "the local node unavailable"])
 def test_the_relay_check_counts_local_nodes_whatever_the_mesh_adds(
-        cni: tuple[KubeEmulator, StepContext], status: str, ok: bool, detail: str) -> None:
+        cni: tuple[ApiFront, StepContext], status: str, ok: bool, detail: str) -> None:
     emu, ctx = cni
     emu.on_exec(lambda *a: (0, status, ""))
     check = {c.name: c for c in CniStep().ready(ctx).checks}["hubble relay serves every node"]

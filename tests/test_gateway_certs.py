@@ -10,7 +10,6 @@ local TLS server on 127.0.0.1 plays the Gateway's HTTPS NodePort.
 from __future__ import annotations
 
 import base64
-import copy
 import datetime
 import ipaddress
 import json
@@ -30,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from lab import trust, yamlio
+from lab import trust
 from lab.errors import LabError
 from lab.network import PoolError
 from lab.steps.base import StepContext, Timeouts, Verdict
@@ -60,7 +59,7 @@ from lab.steps.gateway import (
     resolve_pool,
 )
 from tests.conftest import FAKE_BIN, REPO, step_context
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 from tests.support.upstream import require_upstream, validate_helm_values, validate_object
 
 FAST = Timeouts(cluster=3, cni=3, gateway=3, certs=3, locked=3, meshed=3,
@@ -215,7 +214,7 @@ def _cond(type_: str, status: bool, gen: int | None, reason: str = "") -> Obj:
 class FakeCluster:
     """Cilium, cert-manager and the kubelet, as far as the two gates look at them."""
 
-    def __init__(self, emu: KubeEmulator, pki: Pki) -> None:
+    def __init__(self, emu: ApiFront, pki: Pki) -> None:
         self.emu = emu
         self.pki = pki
         self.programmed = True
@@ -327,6 +326,8 @@ class FakeCluster:
                                _cond("ResolvedRefs", True, route["metadata"]["generation"])]}]})
 
     def cert_manager_installed(self) -> None:
+        self.emu.put({"apiVersion": "v1", "kind": "Namespace",
+                      "metadata": {"name": CERT_MANAGER_NAMESPACE}})
         for name in CERT_MANAGER_DEPLOYMENTS:
             self.emu.put({"apiVersion": "apps/v1", "kind": "Deployment",
                           "metadata": {"name": name, "namespace": CERT_MANAGER_NAMESPACE},
@@ -357,38 +358,22 @@ def set_docker_subnets(state: Path, subnets: list[str] | None) -> None:
                                                    "kind_network_exists": subnets is not None}))
 
 
-@pytest.fixture(scope="module")
-def crds() -> list[Obj]:
-    """The pinned CRDs the two steps use, parsed once (they are large)."""
-    up = require_upstream()
-    files = [*sorted((up / "gateway-api-1.4.0" / "standard").glob("*.yaml")),
-             *sorted((up / "cert-manager-1.19.0" / "crds").glob("*.yaml")),
-             up / "cilium-1.18.4" / "crds" / "ciliumloadbalancerippools.yaml",
-             up / "cilium-1.18.4" / "crds" / "ciliuml2announcementpolicies.yaml"]
-    return [d for f in files for d in yamlio.load_all(f.read_text())
-            if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
+@pytest.fixture
+def emu(kube_api: ApiFront) -> ApiFront:
+    """A real API server with the pinned CRDs and Cilium's GatewayClass, Accepted."""
+    kube_api.put({"apiVersion": GATEWAY_API, "kind": "GatewayClass",
+                  "metadata": {"name": "cilium"},
+                  "spec": {"controllerName": "io.cilium/gateway"},
+                  "status": {"conditions": [_cond("Accepted", True, 1)]}})
+    return kube_api
 
 
 @pytest.fixture
-def emu(crds: list[Obj]) -> Iterator[KubeEmulator]:
-    with KubeEmulator() as e:
-        for crd in crds:
-            e.put(copy.deepcopy(crd))
-        e.put({"apiVersion": GATEWAY_API, "kind": "GatewayClass",
-               "metadata": {"name": "cilium"},
-               "spec": {"controllerName": "io.cilium/gateway"},
-               "status": {"conditions": [_cond("Accepted", True, 1)]}})
-        yield e
-    # a FakeCluster controller that crashed inside a write must not pass for a failing gate
-    assert e.callback_errors == []
-
-
-@pytest.fixture
-def cluster(emu: KubeEmulator, pki: Pki) -> FakeCluster:
+def cluster(emu: ApiFront, pki: Pki) -> FakeCluster:
     return FakeCluster(emu, pki)
 
 
-def make_ctx(tmp_path: Path, emu: KubeEmulator | None = None,
+def make_ctx(tmp_path: Path, emu: ApiFront | None = None,
              cluster: dict[str, Any] | None = None, **top: Any) -> StepContext:
     raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
     if cluster is not None:
@@ -408,7 +393,7 @@ def failing(v: Verdict) -> dict[str, str]:
     return {c.name: c.detail for c in v.failing}
 
 
-def stored(emu: KubeEmulator, api_version: str, kind: str, name: str,
+def stored(emu: ApiFront, api_version: str, kind: str, name: str,
            namespace: str | None = None) -> Obj:
     obj = emu.get(api_version, kind, name, namespace)
     assert obj is not None, f"{kind} {namespace}/{name} does not exist"
@@ -556,7 +541,7 @@ def test_missing_docker_network_is_explained(tmp_path: Path, fake_state: Path) -
 # -- the `gateway` gate ----------------------------------------------------------------------------
 
 @pytest.fixture
-def gw_ctx(tmp_path: Path, fake_state: Path, emu: KubeEmulator,
+def gw_ctx(tmp_path: Path, fake_state: Path, emu: ApiFront,
            cluster: FakeCluster) -> StepContext:
     """The gateway step applied (pool derived from the fake kind network 172.18.0.0/16)."""
     ctx = make_ctx(tmp_path, emu, cluster=lab_cluster())
@@ -564,7 +549,7 @@ def gw_ctx(tmp_path: Path, fake_state: Path, emu: KubeEmulator,
     return ctx
 
 
-def test_gateway_apply_and_gate_hold(gw_ctx: StepContext, emu: KubeEmulator) -> None:
+def test_gateway_apply_and_gate_hold(gw_ctx: StepContext, emu: ApiFront) -> None:
     step = GatewayStep()
     verdict = gw_ctx.wait_for(lambda: step.ready(gw_ctx), 3, "the gateway gate")
     assert verdict.ready, verdict.explain()
@@ -574,7 +559,9 @@ def test_gateway_apply_and_gate_hold(gw_ctx: StepContext, emu: KubeEmulator) -> 
     assert {p["name"]: p["nodePort"] for p in svc["spec"]["ports"]} == {"port-80": 30080}
     gw = emu.get(GATEWAY_API, "Gateway", GATEWAY_NAME, GATEWAY_NAMESPACE)
     assert gw is not None
-    assert [m["manager"] for m in gw["metadata"]["managedFields"]] == [GATEWAY_FIELD_MANAGER]
+    # the spec is the step's alone (the status is the controller's, through /status)
+    assert [m["manager"] for m in gw["metadata"]["managedFields"]
+            if m.get("subresource") != "status"] == [GATEWAY_FIELD_MANAGER]
     l2 = emu.get("cilium.io/v2alpha1", "CiliumL2AnnouncementPolicy", "lab-l2")
     assert l2 is not None and l2["spec"]["interfaces"] == ["^eth[0-9]+"]
     assert step.probe(gw_ctx).ready
@@ -613,33 +600,25 @@ def test_address_outside_the_pool_and_class_not_accepted_are_named(
 
 
 def test_a_nodeport_held_by_another_service_is_named_with_the_fix(
-        gw_ctx: StepContext, emu: KubeEmulator, cluster: FakeCluster,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The API server refuses the patch (422, port already allocated); the gate names the
+        gw_ctx: StepContext, emu: ApiFront, cluster: FakeCluster) -> None:
+    """The real API server refuses the patch (422, port already allocated); the gate names the
     Service holding the port and the config field to change."""
-    from lab.kube import Invalid
-
     step = GatewayStep()
     assert gw_ctx.wait_for(lambda: step.ready(gw_ctx), 3, "gate").ready
-    emu.put({"apiVersion": "v1", "kind": "Service",
+    cluster.drift = True  # Cilium recreated the Service: 30080 is free again...
+    cluster.reconcile()
+    emu.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}})
+    emu.put({"apiVersion": "v1", "kind": "Service",  # ...and another Service takes it
              "metadata": {"name": "web", "namespace": "shop"},
              "spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80,
                                                      "nodePort": 30080}]}})
-    cluster.drift = True
-    cluster.reconcile()
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise Invalid("spec.ports[0].nodePort: Invalid value: 30080: provided port is already "
-                      "allocated")
-
-    monkeypatch.setattr(gw_ctx.kube, "patch", refuse)
     detail = failing(step.ready(gw_ctx))["gateway Service nodePorts as configured"]
     assert "NodePort 30080 is held by Service shop/web (port http)" in detail
     assert "clusters[0].gateway.httpNodePort" in detail and "30000-30085" in detail
 
 
 def test_nodeports_drifted_after_a_reconcile_are_repatched(gw_ctx: StepContext,
-                                                           emu: KubeEmulator,
+                                                           emu: ApiFront,
                                                            cluster: FakeCluster) -> None:
     step = GatewayStep()
     assert gw_ctx.wait_for(lambda: step.ready(gw_ctx), 3, "gate").ready
@@ -656,7 +635,7 @@ def test_nodeports_drifted_after_a_reconcile_are_repatched(gw_ctx: StepContext,
     assert step.ready(gw_ctx).ready
 
 
-def test_service_missing_is_named(tmp_path: Path, fake_state: Path, emu: KubeEmulator) -> None:
+def test_service_missing_is_named(tmp_path: Path, fake_state: Path, emu: ApiFront) -> None:
     ctx = make_ctx(tmp_path, emu, cluster=lab_cluster())
     GatewayStep().apply(ctx)  # no Cilium here: nothing reconciles the Gateway
     bad = failing(GatewayStep().ready(ctx))
@@ -674,7 +653,7 @@ def https_server(tmp_path: Path, pki: Pki) -> Iterator[TLSServer]:
 
 
 @pytest.fixture
-def certs_ctx(tmp_path: Path, fake_state: Path, emu: KubeEmulator, cluster: FakeCluster,
+def certs_ctx(tmp_path: Path, fake_state: Path, emu: ApiFront, cluster: FakeCluster,
               https_server: TLSServer) -> StepContext:
     """Both steps' objects applied, cert-manager 'installed'; HTTPS host port: the TLS server."""
     ctx = make_ctx(tmp_path, emu, cluster=lab_cluster(httpsHostPort=https_server.port))
@@ -718,7 +697,7 @@ def test_certificate_not_ready_is_named(certs_ctx: StepContext, cluster: FakeClu
 
 
 def test_webhook_not_answering_and_gateway_not_programmed_are_named(
-        certs_ctx: StepContext, emu: KubeEmulator, cluster: FakeCluster) -> None:
+        certs_ctx: StepContext, emu: ApiFront, cluster: FakeCluster) -> None:
     emu.fail_next("POST", r"/namespaces/cert-manager/issuers$", 500, "InternalError",
                   message='Internal error occurred: failed calling webhook '
                           '"webhook.cert-manager.io": connection refused')
@@ -729,7 +708,7 @@ def test_webhook_not_answering_and_gateway_not_programmed_are_named(
     assert "Gateway lab-gateway/lab Programmed" in bad
 
 
-def test_https_nodeport_drift_is_repatched(certs_ctx: StepContext, emu: KubeEmulator,
+def test_https_nodeport_drift_is_repatched(certs_ctx: StepContext, emu: ApiFront,
                                            cluster: FakeCluster) -> None:
     cluster.drift = True
     cluster.reconcile()
@@ -783,7 +762,7 @@ def test_https_probe_no_answer(pki: Pki) -> None:
 
 # -- the whole path: apply both steps, their gates hold --------------------------------------------
 
-def test_apply_both_steps_end_to_end(tmp_path: Path, fake_state: Path, emu: KubeEmulator,
+def test_apply_both_steps_end_to_end(tmp_path: Path, fake_state: Path, emu: ApiFront,
                                      cluster: FakeCluster, https_server: TLSServer) -> None:
     ctx = make_ctx(tmp_path, emu, cluster=lab_cluster(httpsHostPort=https_server.port))
     gateway, certs = GatewayStep(), CertsStep()
@@ -828,7 +807,7 @@ def test_apply_both_steps_end_to_end(tmp_path: Path, fake_state: Path, emu: Kube
 
 
 def test_listener_split_survives_reapplying_either_step(tmp_path: Path, fake_state: Path,
-                                                        emu: KubeEmulator,
+                                                        emu: ApiFront,
                                                         cluster: FakeCluster) -> None:
     """On a real API server `spec.listeners` is a map list keyed by name (Gateway API CRD,
     x-kubernetes-list-type: map), so each field manager owns its own listener."""
@@ -844,12 +823,11 @@ def test_listener_split_survives_reapplying_either_step(tmp_path: Path, fake_sta
     assert sorted(lst["name"] for lst in listeners) == ["http", "https"]
 
 
-def test_certs_refuses_to_run_before_the_gateway_api_crds(tmp_path: Path,
-                                                          fake_state: Path) -> None:
-    with KubeEmulator() as bare:
-        ctx = make_ctx(tmp_path, bare)
-        with pytest.raises(LabError) as err:
-            CertsStep().apply(ctx)
+def test_certs_refuses_to_run_before_the_gateway_api_crds(tmp_path: Path, fake_state: Path,
+                                                          bare_kube_api: ApiFront) -> None:
+    ctx = make_ctx(tmp_path, bare_kube_api)
+    with pytest.raises(LabError) as err:
+        CertsStep().apply(ctx)
     assert "Gateway API CRDs" in err.value.message and "cni" in err.value.hint
     assert not (fake_state / "calls.jsonl").exists()  # helm never ran
 
@@ -857,7 +835,7 @@ def test_certs_refuses_to_run_before_the_gateway_api_crds(tmp_path: Path,
 # -- lab.trust -------------------------------------------------------------------------------------
 
 def test_trust_writes_the_ca_certificate_never_the_key(certs_ctx: StepContext, pki: Pki,
-                                                       emu: KubeEmulator) -> None:
+                                                       emu: ApiFront) -> None:
     secret = emu.get("v1", "Secret", CA_NAME, CERT_MANAGER_NAMESPACE)
     assert secret is not None and "tls.key" in secret["data"]  # the key is in the cluster...
     exported = trust.export_ca(certs_ctx.lab, kubeconfig=certs_ctx.kubeconfig)
@@ -874,11 +852,10 @@ def test_trust_writes_the_ca_certificate_never_the_key(certs_ctx: StepContext, p
             f"{exported.path}") in out
 
 
-def test_trust_without_a_ca_says_what_to_run(tmp_path: Path) -> None:
-    with KubeEmulator() as bare:
-        ctx = make_ctx(tmp_path, bare)
-        with pytest.raises(LabError) as err:
-            trust.export_ca(ctx.lab, kubeconfig=ctx.kubeconfig)
+def test_trust_without_a_ca_says_what_to_run(tmp_path: Path, kube_api: ApiFront) -> None:
+    ctx = make_ctx(tmp_path, kube_api)
+    with pytest.raises(LabError) as err:
+        trust.export_ca(ctx.lab, kubeconfig=ctx.kubeconfig)
     assert "no lab CA yet" in err.value.message and "--to certs" in err.value.hint
 
 

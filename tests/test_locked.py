@@ -69,7 +69,7 @@ from lab.steps.locked import (
 from lab.tasks.apps import onboard as onboard_task
 from lab.tools import Tools
 from tests.conftest import REPO, step_context
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 from tests.support.upstream import require_upstream, validate_object
 
 Obj = dict[str, Any]
@@ -233,37 +233,25 @@ def _crd_docs(*files: Path) -> list[Obj]:
             if isinstance(d, dict) and d.get("kind") == "CustomResourceDefinition"]
 
 
-@pytest.fixture(scope="module")
-def crds() -> list[Obj]:
-    up = require_upstream()
-    cilium = up / "cilium-1.18.4" / "crds"
-    return _crd_docs(cilium / "ciliumnetworkpolicies.yaml",
-                     cilium / "ciliumclusterwidenetworkpolicies.yaml",
-                     up / "gateway-api-1.4.0" / "standard" /
-                     "gateway.networking.k8s.io_httproutes.yaml")
-
-
 @pytest.fixture
-def emu(crds: list[Obj]) -> Iterator[KubeEmulator]:
-    with KubeEmulator(strict_namespaces=True) as e:
-        for crd in crds:
-            e.put(copy.deepcopy(crd))
-        e.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cert-manager"}})
-        yield e
+def emu(kube_api: ApiFront) -> ApiFront:
+    """A real API server with the pinned CRDs and the cert-manager namespace."""
+    kube_api.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "cert-manager"}})
+    return kube_api
 
 
-def kube_for(emu: KubeEmulator, tmp_path: Path) -> Any:
+def kube_for(emu: ApiFront, tmp_path: Path) -> Any:
     from lab.kube import KubeClient
 
     path = emu.write_kubeconfig(tmp_path / "kubeconfig", context="kind-lab")
     return KubeClient("kind-lab", str(path))
 
 
-def _namespace(emu: KubeEmulator, name: str) -> None:
+def _namespace(emu: ApiFront, name: str) -> None:
     emu.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
 
 
-def test_onboard_applies_the_policy_and_route(emu: KubeEmulator, tmp_path: Path) -> None:
+def test_onboard_applies_the_policy_and_route(emu: ApiFront, tmp_path: Path) -> None:
     _namespace(emu, "shop")
     kube = kube_for(emu, tmp_path)
     out = onboard(copy.deepcopy(SHAPES["api"]), kube=kube)
@@ -279,7 +267,7 @@ def test_onboard_applies_the_policy_and_route(emu: KubeEmulator, tmp_path: Path)
     assert len(emu.list(CILIUM_API, CNP, "shop")) == 1
 
 
-def test_unknown_namespace_is_refused_before_any_write(emu: KubeEmulator,
+def test_unknown_namespace_is_refused_before_any_write(emu: ApiFront,
                                                        tmp_path: Path) -> None:
     kube = kube_for(emu, tmp_path)
     emu.clear_requests()
@@ -290,7 +278,7 @@ def test_unknown_namespace_is_refused_before_any_write(emu: KubeEmulator,
     assert emu.writes() == []
 
 
-def test_svc_egress_is_resolved_to_the_services_pods(emu: KubeEmulator, tmp_path: Path) -> None:
+def test_svc_egress_is_resolved_to_the_services_pods(emu: ApiFront, tmp_path: Path) -> None:
     _namespace(emu, "shop")
     emu.put({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop"},
              "spec": {"selector": {"app.kubernetes.io/name": "db"},
@@ -460,7 +448,8 @@ def test_agent_realization() -> None:
     assert not ok and "policy get" in detail
 
 
-def test_kube_exec_adapter(emu: KubeEmulator, tmp_path: Path) -> None:
+def test_kube_exec_adapter(emu: ApiFront, tmp_path: Path) -> None:
+    _namespace(emu, "n")
     emu.put({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "n"},
              "spec": {"containers": [{"name": "c", "image": "x"}]}})
     emu.on_exec(lambda ns, pod, container, argv: (1, "out ", "err")
@@ -472,7 +461,7 @@ def test_kube_exec_adapter(emu: KubeEmulator, tmp_path: Path) -> None:
 
 # -- the step: render, apply, gate -----------------------------------------------------------------
 
-def make_ctx(tmp_path: Path, emu: KubeEmulator | None = None, **top: Any) -> StepContext:
+def make_ctx(tmp_path: Path, emu: ApiFront | None = None, **top: Any) -> StepContext:
     raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
     raw.update(top)
     ctx: StepContext = step_context(tmp_path, raw, emu, FAST)
@@ -506,7 +495,7 @@ def test_mesh_adds_the_clustermesh_allowance_from_the_docker_subnet(tmp_path: Pa
     assert mesh["spec"]["ingress"][1]["fromCIDRSet"] == [{"cidr": "172.18.0.0/16"}]
 
 
-def test_mesh_without_recorded_subnets_stays_closed(emu: KubeEmulator, tmp_path: Path) -> None:
+def test_mesh_without_recorded_subnets_stays_closed(emu: ApiFront, tmp_path: Path) -> None:
     """`lab.render` (no Docker) leaves the remote rule out, and apply refuses, rather than open
     the mesh's etcd to the world."""
     raw = yaml.safe_load((REPO / "config" / "mesh.yaml").read_text())
@@ -533,7 +522,7 @@ class FakeCluster:
     # which side drops a probe's connection to lab-probe-b: a's egress, c's target's ingress
     DROPS_AT: ClassVar[dict[str, str]] = {"lab-probe-a": "EGRESS", "lab-probe-c": "INGRESS"}
 
-    def __init__(self, emu: KubeEmulator, policies: list[str]) -> None:
+    def __init__(self, emu: ApiFront, policies: list[str]) -> None:
         self.emu = emu
         self.policies = list(policies)
         self.connect = (1, "TIMEOUT\n")
@@ -605,7 +594,7 @@ class FakeCluster:
 
 
 @pytest.fixture
-def locked(emu: KubeEmulator, tmp_path: Path) -> tuple[StepContext, FakeCluster, LockedStep]:
+def locked(emu: ApiFront, tmp_path: Path) -> tuple[StepContext, FakeCluster, LockedStep]:
     _namespace(emu, "echo")
     ctx = make_ctx(tmp_path, emu)
     fake = FakeCluster(emu, [p["metadata"]["name"] for p in locked_policies(ctx)])
@@ -621,7 +610,7 @@ def failing(v: Verdict) -> dict[str, str]:
 
 
 def test_apply_then_gate_holds(locked: tuple[StepContext, FakeCluster, LockedStep],
-                               emu: KubeEmulator) -> None:
+                               emu: ApiFront) -> None:
     ctx, _fake, step = locked
     assert emu.get(CILIUM_API, CCNP, DEFAULT_DENY) is not None
     assert emu.get(CILIUM_API, CNP, "lab-app-echo", "echo") is not None
@@ -634,7 +623,7 @@ def test_apply_then_gate_holds(locked: tuple[StepContext, FakeCluster, LockedSte
     assert ctx.facts["locked"]["policies"][0] == f"{CCNP} {DEFAULT_DENY}"
 
 
-def test_apply_lands_the_baseline_last_and_is_idempotent(emu: KubeEmulator,
+def test_apply_lands_the_baseline_last_and_is_idempotent(emu: ApiFront,
                                                          tmp_path: Path) -> None:
     _namespace(emu, "echo")
     ctx = make_ctx(tmp_path, emu)
@@ -655,7 +644,7 @@ def test_apply_lands_the_baseline_last_and_is_idempotent(emu: KubeEmulator,
     assert [(r.method, r.path) for r in emu.writes() if r.method != "PATCH"] == []
 
 
-def test_apply_prunes_what_it_no_longer_renders(emu: KubeEmulator, tmp_path: Path) -> None:
+def test_apply_prunes_what_it_no_longer_renders(emu: ApiFront, tmp_path: Path) -> None:
     _namespace(emu, "echo")
     stale = copy.deepcopy(next(p for p in render_policies(mesh=True)
                                if p["metadata"]["name"] == "lab-infra-clustermesh-apiserver"))
@@ -668,14 +657,14 @@ def test_apply_prunes_what_it_no_longer_renders(emu: KubeEmulator, tmp_path: Pat
     assert emu.get(CILIUM_API, CNP, "lab-app-web", "shop") is not None
 
 
-def test_apply_refuses_without_the_demo_namespace(emu: KubeEmulator, tmp_path: Path) -> None:
+def test_apply_refuses_without_the_demo_namespace(emu: ApiFront, tmp_path: Path) -> None:
     with pytest.raises(LabError, match="namespace 'echo' does not exist"):
         LockedStep().apply(make_ctx(tmp_path, emu))
     assert emu.list(CILIUM_API, CCNP) == []
 
 
 def test_gate_names_each_broken_half(locked: tuple[StepContext, FakeCluster, LockedStep],
-                                     emu: KubeEmulator) -> None:
+                                     emu: ApiFront) -> None:
     ctx, fake, step = locked
     stored_echo = emu.get(CILIUM_API, CNP, "lab-app-echo", "echo")
     assert stored_echo is not None
@@ -734,7 +723,7 @@ def test_an_earlier_drop_does_not_count(
 
 
 def test_gate_names_why_a_probe_pod_does_not_run(
-        locked: tuple[StepContext, FakeCluster, LockedStep], emu: KubeEmulator) -> None:
+        locked: tuple[StepContext, FakeCluster, LockedStep], emu: ApiFront) -> None:
     ctx, _fake, step = locked
     emu.patch_status("v1", "Pod", PROBE_POD, "lab-probe-b", {
         "phase": "Pending", "conditions": [{"type": "Ready", "status": "False"}],
@@ -746,7 +735,7 @@ def test_gate_names_why_a_probe_pod_does_not_run(
     assert "InvalidImageName" in check.detail and "lab-probe-b" in check.detail
 
 
-def test_gate_waits_for_probe_pods(emu: KubeEmulator, tmp_path: Path) -> None:
+def test_gate_waits_for_probe_pods(emu: ApiFront, tmp_path: Path) -> None:
     _namespace(emu, "echo")
     ctx = make_ctx(tmp_path, emu)
     fake = FakeCluster(emu, [p["metadata"]["name"] for p in locked_policies(ctx)])

@@ -13,6 +13,7 @@ import yaml
 from lab.state import StateStore
 from tests.conftest import LabEnv, write_config
 from tests.fakes.fakelib import wait_until_sleeping
+from tests.support.objects import daemonset
 
 
 def test_up_to_cluster_creates_records_and_exports_kubeconfig(lab_env: LabEnv) -> None:
@@ -186,8 +187,7 @@ def test_down_deletes_cluster_and_record(lab_env: LabEnv) -> None:
 
 def test_existing_cluster_that_does_not_match_is_refused(lab_env: LabEnv) -> None:
     emu = lab_env.emulators["lab"]
-    emu.put({"apiVersion": "apps/v1", "kind": "DaemonSet",
-             "metadata": {"name": "kube-proxy", "namespace": "kube-system"}, "spec": {}})
+    emu.put(daemonset("kube-proxy", 1))
     import subprocess
 
     other = lab_env.root / "other-kind.yaml"

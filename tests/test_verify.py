@@ -26,11 +26,10 @@ from lab.steps.base import Check, StepContext, Verdict
 from lab.steps.locked import LockedStep, locked_policies
 from lab.tasks.checks import verify as verify_task
 from tests import test_locked
-from tests.conftest import load_upstream_crds, write_config
-from tests.support.emulator import KubeEmulator
+from tests.conftest import write_config
+from tests.support.emulator import ApiFront
 from tests.test_locked import FakeCluster, _namespace, make_ctx
 
-crds = test_locked.crds  # the emulator fixture with Cilium's and Gateway API's CRDs
 emu = test_locked.emu
 
 MATRIX = load_matrix()
@@ -41,7 +40,7 @@ class Scripted(FakeCluster):
     """FakeCluster, plus (source namespace, "ip:port") pairs that connect (FORWARDED in
     Hubble)."""
 
-    def __init__(self, emu: KubeEmulator, policies: list[str]) -> None:
+    def __init__(self, emu: ApiFront, policies: list[str]) -> None:
         super().__init__(emu, policies)
         self.open: set[tuple[str, str]] = set()
         self.lock = threading.Lock()
@@ -66,7 +65,7 @@ class Gate:
         return Verdict(self.name, [Check("scripted", self.ok, "" if self.ok else "broken")])
 
 
-def _ready_pod(emu: KubeEmulator, ns: str, name: str, labels: dict[str, str], ip: str,
+def _ready_pod(emu: ApiFront, ns: str, name: str, labels: dict[str, str], ip: str,
                container: str = "main") -> None:
     emu.put({"apiVersion": "v1", "kind": "Pod",
              "metadata": {"name": name, "namespace": ns, "labels": labels},
@@ -76,7 +75,7 @@ def _ready_pod(emu: KubeEmulator, ns: str, name: str, labels: dict[str, str], ip
         {"type": "Ready", "status": "True"}]})
 
 
-def _kubelet(emu: KubeEmulator) -> list[dict[str, Any]]:
+def _kubelet(emu: ApiFront) -> list[dict[str, Any]]:
     """Probe pods the verify run creates start and turn Ready (as the kubelet would); returns
     the list of the pods as written."""
     written: list[dict[str, Any]] = []
@@ -96,8 +95,7 @@ def _kubelet(emu: KubeEmulator) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def cluster(emu: KubeEmulator, tmp_path: Path) -> tuple[StepContext, Scripted]:
-    load_upstream_crds(emu, "cert-manager-1.19.0/crds")  # the webhook trial's dry-run Issuer
+def cluster(emu: ApiFront, tmp_path: Path) -> tuple[StepContext, Scripted]:
     _namespace(emu, "echo")
     ctx = make_ctx(tmp_path, emu)
     fake = Scripted(emu, [p["metadata"]["name"] for p in locked_policies(ctx)])
@@ -137,7 +135,7 @@ def rows(report: lab_verify.Report) -> dict[str, dict[str, Any]]:
 
 
 def test_a_healthy_lab_matches_every_flow(cluster: tuple[StepContext, Scripted],
-                                          emu: KubeEmulator) -> None:
+                                          emu: ApiFront) -> None:
     ctx, fake = cluster
     emu.clear_requests()
     report = lab_verify.run([ctx], MATRIX, steps=steps(fake), probes=probes(fake))
@@ -211,7 +209,7 @@ USER_FLOWS = {
 
 
 def test_user_flows_run_from_a_short_lived_probe_with_the_source_labels(
-        cluster: tuple[StepContext, Scripted], emu: KubeEmulator, tmp_path: Path) -> None:
+        cluster: tuple[StepContext, Scripted], emu: ApiFront, tmp_path: Path) -> None:
     ctx, fake = cluster
     _namespace(emu, "shop")
     _ready_pod(emu, "shop", "db-0", {"app": "db"}, "10.244.0.60")
@@ -247,7 +245,7 @@ def test_user_flows_run_from_a_short_lived_probe_with_the_source_labels(
 
 
 def test_the_probe_pod_is_deleted_when_the_run_is_interrupted(
-        cluster: tuple[StepContext, Scripted], emu: KubeEmulator, tmp_path: Path) -> None:
+        cluster: tuple[StepContext, Scripted], emu: ApiFront, tmp_path: Path) -> None:
     ctx, fake = cluster
     _namespace(emu, "shop")
     _ready_pod(emu, "shop", "db-0", {"app": "db"}, "10.244.0.60")
@@ -268,7 +266,7 @@ def test_the_probe_pod_is_deleted_when_the_run_is_interrupted(
 
 
 def test_a_lab_that_is_not_up_is_refused_before_anything(
-        cluster: tuple[StepContext, Scripted], emu: KubeEmulator) -> None:
+        cluster: tuple[StepContext, Scripted], emu: ApiFront) -> None:
     ctx, fake = cluster
     ctx.record.state = "certs"
     emu.clear_requests()
@@ -280,7 +278,7 @@ def test_a_lab_that_is_not_up_is_refused_before_anything(
 # -- the task: table, JSON, exit code -----------------------------------------------------------
 
 @pytest.fixture
-def task_env(cluster: tuple[StepContext, Scripted], emu: KubeEmulator, tmp_path: Path,
+def task_env(cluster: tuple[StepContext, Scripted], emu: ApiFront, tmp_path: Path,
              monkeypatch: pytest.MonkeyPatch) -> tuple[str, Scripted]:
     ctx, fake = cluster
     (tmp_path / "task").mkdir()
@@ -326,8 +324,7 @@ def test_task_table(task_env: tuple[str, Scripted], capsys: pytest.CaptureFixtur
 
 
 def test_in_a_mesh_the_global_service_is_a_row_and_mesh_flows_are_listed(
-        emu: KubeEmulator, tmp_path: Path) -> None:
-    load_upstream_crds(emu, "cert-manager-1.19.0/crds")
+        emu: ApiFront, tmp_path: Path) -> None:
     _namespace(emu, "echo")
     ctx = make_ctx(tmp_path, emu, clusters=[{"name": "east"}, {"name": "west"}])
     ctx.facts["dockerSubnets"] = ["172.18.0.0/16"]

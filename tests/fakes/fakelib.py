@@ -3079,13 +3079,15 @@ def apply_chart(hctx: HelmCtx, objs: list[dict[str, Any]], release: str, namespa
         ann["meta.helm.sh/release-namespace"] = namespace
         coll, item = object_path(obj, namespace)
         try:
-            code, resp = _http("POST", base + coll, obj, headers)
-            if code == 409:
-                gcode, cur = _http("GET", base + item, None, headers)
-                rv = (cur.get("metadata") or {}).get("resourceVersion") if gcode == 200 else None
-                if rv:
-                    meta["resourceVersion"] = rv
+            # helm reads the object first and updates what exists (a POST of a Service that exists
+            # is refused for its clusterIP before its name: allocation comes first)
+            gcode, cur = _http("GET", base + item, None, headers)
+            rv = (cur.get("metadata") or {}).get("resourceVersion") if gcode == 200 else None
+            if rv:
+                meta["resourceVersion"] = rv
                 code, resp = _http("PUT", base + item, obj, headers)
+            else:
+                code, resp = _http("POST", base + coll, obj, headers)
             if code == 404 and coll.count("/") >= 3:
                 raise ApplyError(
                     "unable to build kubernetes objects from release manifest: resource mapping "
