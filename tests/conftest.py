@@ -273,10 +273,11 @@ def envtest(envtest_pool: Any) -> Any:
 
 
 @pytest.fixture
-def envtest_cluster(envtest_pool: Any) -> Any:
-    """A real API server for this test alone: the pinned CRDs Established and nothing else (one
-    per worker, reset in etcd before each test)."""
-    return envtest_pool.clean()[0]
+def envtest_cluster(envtest_pool: Any) -> Iterator[Any]:
+    """A real API server for this test alone: the pinned CRDs Established and nothing else (lent
+    by the pool, reset in etcd)."""
+    with envtest_pool.lease() as (server,):
+        yield server
 
 
 def _front(server: Any) -> Iterator[Any]:
@@ -301,7 +302,8 @@ def kube_api(envtest_cluster: Any) -> Iterator[Any]:
 @pytest.fixture
 def bare_kube_api(envtest_pool: Any) -> Iterator[Any]:
     """Like ``kube_api``, on a server without even the pinned CRDs (a cluster kind just made)."""
-    yield from _front(envtest_pool.clean(crds=False)[0])
+    with envtest_pool.lease(crds=False) as (server,):
+        yield from _front(server)
 
 
 @pytest.fixture

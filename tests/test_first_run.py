@@ -441,11 +441,11 @@ class Recorder:
               f"{meta.get('name')}"
         managers = [f.get("manager", "") for f in meta.get("managedFields") or []
                     if f.get("operation") == "Apply"]
-        if verb == "patch" and obj.get("kind") == "Service":  # the lab's NodePort patch
-            seen = self._ports.setdefault(ref, set())
-            fixed = [f"{p['name']}→{p['nodePort']}" for p in obj["spec"]["ports"]
-                     if p.get("nodePort") in (30080, 30443, 30180, 30543)]
-            new = [p for p in fixed if p not in seen]
+        fixed = [f"{p['name']}→{p['nodePort']}" for p in (obj.get("spec") or {}).get("ports") or []
+                 if p.get("nodePort") in (30080, 30443, 30180, 30543)]
+        seen = self._ports.setdefault(ref, set())
+        if verb == "patch" and obj.get("kind") == "Service" and set(fixed) - seen:
+            new = [p for p in fixed if p not in seen]  # the lab's NodePort patch
             seen.update(new)
             action = f"patch {ref} nodePorts {', '.join(new)}"
         elif verb in ("create", "patch") and any(m.startswith("kind-cilium-lab") for m in managers):
@@ -515,9 +515,9 @@ def assert_plan_is_the_real_order(plan: dict[str, list[tuple[str, str]]],
 
 
 @pytest.fixture
-def simulated(tmp_path: Path) -> Iterator[SimLab]:
+def simulated(tmp_path: Path, envtest_cluster: Any) -> Iterator[SimLab]:
     require_upstream()
-    lab = make_lab(tmp_path)
+    lab = make_lab(tmp_path, [envtest_cluster])
     try:
         yield lab
         lab.check()
@@ -602,12 +602,19 @@ def http_get(url: str, within: float = 30) -> bytes:
             time.sleep(0.2)
 
 
-def test_readme_command_list_walked_top_to_bottom(tmp_path: Path) -> None:
+def test_readme_command_list_walked_top_to_bottom(tmp_path: Path, envtest_pool: Any) -> None:
     require_upstream()
     commands = readme_commands()
     assert commands[:2] == ["pip install -e '.[dev]'", "invoke lab.up"]
-    single = make_lab(tmp_path / "single")
-    mesh = make_lab(tmp_path / "mesh", "config/mesh.yaml", [{"name": "east"}, {"name": "west"}])
+    with envtest_pool.lease(1) as single, envtest_pool.lease(2) as mesh:
+        _walk_readme(tmp_path, commands, single, mesh)
+
+
+def _walk_readme(tmp_path: Path, commands: list[str], single_servers: list[Any],
+                 mesh_servers: list[Any]) -> None:
+    single = make_lab(tmp_path / "single", single_servers)
+    mesh = make_lab(tmp_path / "mesh", mesh_servers, "config/mesh.yaml",
+                    [{"name": "east"}, {"name": "west"}])
     # `--config config/mesh.yaml` from the folder the mesh is run in: the simulated clusters' copy.
     (mesh.env.root / "config").mkdir()
     (mesh.env.root / "config" / "mesh.yaml").write_text(mesh.env.config.read_text())

@@ -39,7 +39,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory,
     real API server (shared by the tests of this module that only read it or leave it as they
     found it)."""
     require_upstream()
-    sim_lab = make_lab(tmp_path_factory.mktemp("flow"), servers={"lab": envtest})
+    sim_lab = make_lab(tmp_path_factory.mktemp("flow"), [envtest])
     try:
         start = time.monotonic()
         proc = sim_lab.env.run("lab.up", check=False, timeout=120)
@@ -224,9 +224,10 @@ def test_the_gates_depend_on_what_the_product_applied(lab: tuple[SimLab, Any, fl
     assert not ok and "does not verify against the lab CA" in detail
 
 
-def test_kill_inside_gateway_and_certs_then_resume_converges(tmp_path: Path) -> None:
+def test_kill_inside_gateway_and_certs_then_resume_converges(tmp_path: Path,
+                                                             envtest_cluster: Any) -> None:
     require_upstream()
-    sim_lab = make_lab(tmp_path)
+    sim_lab = make_lab(tmp_path, [envtest_cluster])
     env, sim = sim_lab.env, sim_lab.sims["lab"]
     try:
         # Killed while the gateway step asks Docker for the network.

@@ -249,24 +249,16 @@ def mesh(tmp_path_factory: pytest.TempPathFactory,
     allocates them), brought from absent to `meshed` by one `invoke lab.mesh`. The tests below
     share it in file order; the last one removes west."""
     require_upstream()
-    servers = {}
-    try:
-        servers = envtest_pool.fresh_many({"east": "10.96.0.0/16", "west": "10.97.0.0/16"})
-        lab = make_lab(tmp_path_factory.mktemp("mesh"), "config/mesh.yaml",
-                       [{"name": "east"}, {"name": "west"}], servers=servers)
-    except BaseException:
-        for server in servers.values():
-            envtest_pool.release(server)
-        raise
-    try:
-        start = time.monotonic()
-        proc = lab.env.run("lab.mesh", check=False, timeout=150, LAB_GATE_TIMEOUT="10")
-        yield lab, proc, time.monotonic() - start
-        lab.check()
-    finally:
-        lab.close()
-        for server in servers.values():
-            envtest_pool.release(server)
+    with envtest_pool.lease(2) as servers:
+        lab = make_lab(tmp_path_factory.mktemp("mesh"), servers, "config/mesh.yaml",
+                       [{"name": "east"}, {"name": "west"}])
+        try:
+            start = time.monotonic()
+            proc = lab.env.run("lab.mesh", check=False, timeout=150, LAB_GATE_TIMEOUT="10")
+            yield lab, proc, time.monotonic() - start
+            lab.check()
+        finally:
+            lab.close()
 
 
 def _interval(rec: dict[str, Any], last: str) -> tuple[datetime.datetime, datetime.datetime]:
@@ -421,9 +413,14 @@ def test_down_west_removes_it_from_east_peers(mesh: tuple[SimLab, Any, float]) -
 
 
 def test_a_crash_in_one_cluster_lets_the_other_reach_locked_then_resume_converges(
-        tmp_path: Path) -> None:
+        tmp_path: Path, envtest_pool: Any) -> None:
     require_upstream()
-    lab = make_lab(tmp_path, "config/mesh.yaml", [{"name": "east"}, {"name": "west"}])
+    with envtest_pool.lease(2) as servers:
+        _crash_one_cluster_then_resume(tmp_path, servers)
+
+
+def _crash_one_cluster_then_resume(tmp_path: Path, servers: list[Any]) -> None:
+    lab = make_lab(tmp_path, servers, "config/mesh.yaml", [{"name": "east"}, {"name": "west"}])
     env = lab.env
     try:
         # west's API server fails helm's install of cert-manager (fakelib's injection keys are

@@ -16,6 +16,7 @@ convenience calls as the emulator (``get``, ``list``, ``put``, ``delete``, ``pat
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import functools
 import http.client
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -651,10 +652,11 @@ class EnvtestServer:
 
 
 class ServerPool:
-    """The servers of one test process (an xdist worker): one shared (tests isolate by namespace,
-    or a module's lab lives on it), clean ones (``clean()``: reset to the pinned CRDs before each
-    test) and fresh ones for a module that keeps a whole cluster to itself; never more than
-    ``LIMIT`` started (each costs ~3 s, ~4 s of CRDs and ~420 MB)."""
+    """The real API servers of one test process (an xdist worker): one shared (tests isolate by
+    namespace, or a module's lab lives on it), and clean ones lent out (``lease``) to a test or a
+    module for as long as it needs a whole cluster, each reset to the pinned CRDs in etcd before
+    it is lent again. Never more than ``LIMIT`` started (each costs ~3 s, ~4 s of CRDs and
+    ~420 MB); a process starts as many as it ever lends at once."""
 
     LIMIT = 6
 
@@ -664,6 +666,7 @@ class ServerPool:
         self.started = 0
         self._shared: EnvtestServer | None = None
         self._clean: list[EnvtestServer] = []
+        self._lent: set[int] = set()  # ids of the clean servers out on lease
         self._live: list[EnvtestServer] = []
         self._lock = threading.Lock()
 
@@ -689,23 +692,41 @@ class ServerPool:
             self._shared = self._start("envtest-shared", "10.96.0.0/16")
         return self._shared
 
-    def clean(self, count: int = 1, *, crds: bool = True) -> list[EnvtestServer]:
-        """``count`` servers holding the pinned CRDs (or, ``crds=False``, not even those) and
-        nothing else: the same ones test after test, each reset in etcd (``EnvtestServer.reset``,
-        ~20 ms) instead of started anew. The i-th serves services from 10.(96+i).0.0/16, what
-        the config allocates the i-th cluster."""
-        missing = count - len(self._clean)
-        if missing > 0:
-            wanted = {f"clean-{i}": f"10.{96 + i}.0.0/16"
-                      for i in range(len(self._clean), count)}
-            self._clean += self.fresh_many(wanted).values()
-        servers = self._clean[:count]
-        for server in servers:
-            server.reset("crds" if crds else "bare")
-        return servers
+    @staticmethod
+    def service_range(position: int) -> str:
+        """What the config allocates the cluster at ``position``: 10.(96+i).0.0/16."""
+        return f"10.{96 + position}.0.0/16"
 
-    def fresh(self, name: str, service_cidr: str = "10.96.0.0/16") -> EnvtestServer:
-        return self._start(name, service_cidr)
+    @contextlib.contextmanager
+    def lease(self, count: int = 1, *, crds: bool = True) -> Iterator[list[EnvtestServer]]:
+        """``count`` servers for the caller alone, the i-th serving Services from the i-th
+        cluster's range (``service_range``), holding the pinned CRDs (``crds=False``: not even
+        those) and nothing else: reset in etcd (``EnvtestServer.reset``, ~20 ms) rather than
+        started anew, unless none is free for a position."""
+        lent: list[EnvtestServer | None] = []
+        with self._lock:
+            for i in range(count):
+                free = next((s for s in self._clean if id(s) not in self._lent
+                             and s.service_cidr == self.service_range(i)), None)
+                if free is not None:
+                    self._lent.add(id(free))
+                lent.append(free)
+        try:
+            missing = {f"clean-{len(self._clean) + n}-{i}": self.service_range(i)
+                       for n, i in enumerate(i for i, s in enumerate(lent) if s is None)}
+            if missing:
+                started = iter(self.fresh_many(missing).values())
+                lent = [s if s is not None else next(started) for s in lent]
+                with self._lock:
+                    self._clean += [s for s in lent if s is not None and s not in self._clean]
+                    self._lent.update(id(s) for s in lent)
+            servers = [s for s in lent if s is not None]
+            for server in servers:
+                server.reset("crds" if crds else "bare")
+            yield servers
+        finally:
+            with self._lock:
+                self._lent.difference_update(id(s) for s in lent if s is not None)
 
     def fresh_many(self, wanted: dict[str, str]) -> dict[str, EnvtestServer]:
         """Several fresh servers (name → service CIDR), started side by side."""

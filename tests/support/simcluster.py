@@ -69,7 +69,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -2573,14 +2573,13 @@ class SimLab:
             sim.check()
 
 
-def make_lab(root: Path, base: str = "config/lab.yaml",
-             clusters: list[Obj] | None = None,
-             servers: dict[str, Any] | None = None) -> SimLab:
-    """A lab under ``root`` from a shipped config, one ``SimCluster`` per cluster, each cluster's
-    ``httpsHostPort`` set to its simulator's free port; the Gateway API CRD cache pre-filled from
-    the pinned upstream files (no network). ``servers`` (cluster name → ``EnvtestServer``): those
-    clusters are real API servers, reached through an ``ApiFront`` (exec and port-forward),
-    instead of emulators."""
+def make_lab(root: Path, servers: Sequence[Any], base: str = "config/lab.yaml",
+             clusters: list[Obj] | None = None) -> SimLab:
+    """A lab under ``root`` from a shipped config, one ``SimCluster`` per cluster on the real API
+    server of the same position in ``servers`` (``EnvtestServer``s, reached through an
+    ``ApiFront`` for exec and port-forward), each cluster's ``httpsHostPort`` set to its
+    simulator's free port; the Gateway API CRD cache pre-filled from the pinned upstream files
+    (no network)."""
     raw = yaml.safe_load((REPO / base).read_text())
     raw["stateDir"] = str(root / ".lab")
     if clusters is not None:
@@ -2590,10 +2589,9 @@ def make_lab(root: Path, base: str = "config/lab.yaml",
     mesh = Mesh()
     sims: dict[str, SimCluster] = {}
     try:
-        for c in raw["clusters"]:
-            server = (servers or {}).get(c["name"])
-            front = ApiFront(server.client.as_user_agent(f"sim-{c['name']}")) \
-                if server is not None else None
+        assert len(servers) == len(raw["clusters"]), "one real API server per cluster"
+        for c, server in zip(raw["clusters"], servers, strict=True):
+            front = ApiFront(server.client.as_user_agent(f"sim-{c['name']}"))
             sim = SimCluster(c["name"], fake_state, mesh=mesh, emulator=front,
                              own_emulator=True)
             sims[c["name"]] = sim
@@ -2611,17 +2609,16 @@ def make_lab(root: Path, base: str = "config/lab.yaml",
         (cache / p.name).write_bytes(p.read_bytes())
     env = LabEnv(root=root, config=config, fake_state=fake_state,
                  kubeconfig=root / "kubeconfig", emulators={n: s.emu for n, s in sims.items()})
-    if servers:
-        # the simulated controllers catch up asynchronously through a real server: a gate may
-        # need a few passes of theirs on a loaded machine
-        env.overrides["LAB_GATE_TIMEOUT"] = "30"
+    # the simulated controllers catch up asynchronously through a real server: a gate may need a
+    # few passes of theirs on a loaded machine
+    env.overrides["LAB_GATE_TIMEOUT"] = "30"
     return SimLab(env, sims, mesh)
 
 
 @contextlib.contextmanager
-def sim_lab(root: Path, base: str = "config/lab.yaml",
+def sim_lab(root: Path, servers: Sequence[Any], base: str = "config/lab.yaml",
             clusters: list[Obj] | None = None) -> Iterator[SimLab]:
-    lab = make_lab(root, base, clusters)
+    lab = make_lab(root, servers, base, clusters)
     try:
         yield lab
     finally:
