@@ -48,7 +48,7 @@ XDIST_GROUPS = {
     "test_locked": "locked", "test_policy_oracle": "policy_oracle",
     "test_servicemap": "servicemap",
     "test_lab_flow": "envtest-shared", "test_envtest_api": "envtest-shared",
-    "test_emulator_exec": "envtest-shared"}
+    "test_api_front": "envtest-shared"}
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -11,7 +11,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from lab.steps.cluster import (
 )
 from tests.conftest import ready_node, step_context
 from tests.fakes.fakelib import read_calls, read_intervals, read_state, write_state
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,12 +34,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def emu() -> Iterator[KubeEmulator]:
-    e = KubeEmulator().start()
-    try:
-        yield e
-    finally:
-        e.stop()
+def emu(kube_api: ApiFront) -> ApiFront:
+    """The API server the fake kind's cluster answers with: a real one, clean."""
+    return kube_api
 
 
 def raw_config(**cluster: Any) -> dict[str, Any]:
@@ -59,7 +55,7 @@ def runs(items: list[str]) -> list[str]:
     return [k for k, _ in itertools.groupby(items)]
 
 
-def own_context(tmp_path: Path, raw: dict[str, Any], fake: Path, emu: KubeEmulator) -> Any:
+def own_context(tmp_path: Path, raw: dict[str, Any], fake: Path, emu: ApiFront) -> Any:
     """A context whose kubeconfig is the cluster's own file, written by the fake kind."""
     ctx = step_context(tmp_path, raw)
     ctx.kubeconfig = str(cluster_kubeconfig(ctx.lab.state_dir, ctx.cluster.name))
@@ -103,7 +99,7 @@ def half_create(fake: Path, ctx: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 # -- dockerNetwork reaches kind --------------------------------------------------------------------
 
 def test_docker_network_is_passed_to_kind_and_shown_in_the_plan(
-        tmp_path: Path, fake: Path, emu: KubeEmulator) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront) -> None:
     raw = raw_config()
     raw["dockerNetwork"] = "labnet"
     raw["clusters"][0].pop("lbPool")
@@ -122,7 +118,7 @@ def test_docker_network_is_passed_to_kind_and_shown_in_the_plan(
     assert list(json.loads(nets.stdout)) == ["labnet"]
 
 
-def test_default_network_sets_no_override(tmp_path: Path, fake: Path, emu: KubeEmulator) -> None:
+def test_default_network_sets_no_override(tmp_path: Path, fake: Path, emu: ApiFront) -> None:
     ctx = own_context(tmp_path, raw_config(), fake, emu)
     assert ClusterStep().render(ctx).commands[0][0] == "kind"
     ClusterStep().apply(ctx)
@@ -133,7 +129,7 @@ def test_default_network_sets_no_override(tmp_path: Path, fake: Path, emu: KubeE
 
 @pytest.mark.usefixtures("silent_api_gives_up_soon")
 def test_own_half_created_cluster_whose_api_never_came_up_is_replaced(
-        tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = own_context(tmp_path, raw_config(), fake, emu)
     ctx.facts[CREATE_STARTED] = "2026-01-01T00:00:00Z"  # saved before the killed create
     half_create(fake, ctx, monkeypatch)
@@ -146,7 +142,7 @@ def test_own_half_created_cluster_whose_api_never_came_up_is_replaced(
 
 @pytest.mark.usefixtures("silent_api_gives_up_soon")
 def test_a_stopped_cluster_the_lab_did_not_create_is_left_alone(
-        tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = own_context(tmp_path, raw_config(), fake, emu)
     half_create(fake, ctx, monkeypatch)  # e.g. the user's own cluster, seen by a fresh state dir
     write_state(str(fake), "apiservers.json", {"lab": "http://127.0.0.1:9"})
@@ -159,7 +155,7 @@ def test_a_stopped_cluster_the_lab_did_not_create_is_left_alone(
 
 
 def test_create_killed_before_workers_joined_is_half_created_not_a_mismatch(
-        tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = own_context(tmp_path, raw_config(workers=1), fake, emu)
     ctx.facts[CREATE_STARTED] = "2026-01-01T00:00:00Z"
     half_create(fake, ctx, monkeypatch)
@@ -170,7 +166,7 @@ def test_create_killed_before_workers_joined_is_half_created_not_a_mismatch(
 
 
 def test_a_foreign_cluster_missing_a_worker_is_refused(
-        tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront, monkeypatch: pytest.MonkeyPatch) -> None:
     ctx = own_context(tmp_path, raw_config(workers=1), fake, emu)
     half_create(fake, ctx, monkeypatch)
     emu.put(ready_node("lab-control-plane"))
@@ -182,7 +178,7 @@ def test_a_foreign_cluster_missing_a_worker_is_refused(
 # -- adopted clusters: port mappings ---------------------------------------------------------------
 
 def test_adopting_a_cluster_with_other_port_mappings_is_refused(
-        tmp_path: Path, fake: Path, emu: KubeEmulator) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront) -> None:
     raw = raw_config()
     raw["clusters"][0]["gateway"]["httpsHostPort"] = 31443
     ClusterStep().apply(own_context(tmp_path / "before", raw, fake, emu))
@@ -197,7 +193,7 @@ def test_adopting_a_cluster_with_other_port_mappings_is_refused(
 
 
 def test_adopting_a_matching_cluster_creates_nothing(
-        tmp_path: Path, fake: Path, emu: KubeEmulator) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront) -> None:
     ClusterStep().apply(own_context(tmp_path / "before", raw_config(), fake, emu))
     emu.put(ready_node("lab-control-plane"))
     ctx = own_context(tmp_path, raw_config(), fake, emu)
@@ -209,7 +205,7 @@ def test_adopting_a_matching_cluster_creates_nothing(
 # -- kind's kubeconfig lock ------------------------------------------------------------------------
 
 def test_lock_error_at_the_end_of_create_exports_instead_of_creating_again(
-        tmp_path: Path, fake: Path, emu: KubeEmulator) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront) -> None:
     ctx = own_context(tmp_path, raw_config(), fake, emu)
     lock = Path(str(ctx.kubeconfig) + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -234,9 +230,11 @@ def test_lock_error_at_the_end_of_create_exports_instead_of_creating_again(
 
 
 def test_parallel_creates_overlap_and_never_share_a_kubeconfig(
-        tmp_path: Path, fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fake: Path, monkeypatch: pytest.MonkeyPatch,
+        envtest_cluster: Any) -> None:
     mesh: dict[str, Any] = yaml.safe_load((REPO / "config" / "mesh.yaml").read_text())
-    emus = [KubeEmulator().start() for _ in mesh["clusters"]]
+    # one front each: the clusters' kubeconfigs differ in their server URL (one real server)
+    emus = [ApiFront(envtest_cluster.client).start() for _ in mesh["clusters"]]
     try:
         monkeypatch.setenv("LAB_FAKE_SLEEP", "kind:create=1.5")
         from lab.state import Record
@@ -283,7 +281,7 @@ def test_parallel_creates_overlap_and_never_share_a_kubeconfig(
 
 
 def test_down_clears_the_users_context_and_the_clusters_own_kubeconfig(
-        tmp_path: Path, fake: Path, emu: KubeEmulator) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront) -> None:
     ctx = own_context(tmp_path, raw_config(), fake, emu)
     ClusterStep().apply(ctx)
     user = Path(os.environ["KUBECONFIG"])
@@ -295,7 +293,7 @@ def test_down_clears_the_users_context_and_the_clusters_own_kubeconfig(
 
 
 def test_a_create_kind_cleaned_up_itself_leaves_no_creation_fact(
-        tmp_path: Path, fake: Path, emu: KubeEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fake: Path, emu: ApiFront, monkeypatch: pytest.MonkeyPatch) -> None:
     from lab.errors import ToolError
 
     ctx = own_context(tmp_path, raw_config(), fake, emu)

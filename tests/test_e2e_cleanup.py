@@ -112,27 +112,25 @@ class FixtureRequest:
 
 
 def test_namespaces_a_test_created_are_removed_after_it_even_when_it_failed(
-        tmp_path: Path) -> None:
+        tmp_path: Path, kube_api: Any) -> None:
     from lab.config import load_config
     from tests.conftest import write_config
-    from tests.support.emulator import KubeEmulator
 
-    emu = KubeEmulator().start()
-    try:
-        kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig", context="kind-lab")
-        cfg = load_config(write_config(tmp_path / "lab.yaml"))
-        lab = e2e.E2ELab(tmp_path / "lab.yaml", cfg, tmp_path, str(kubeconfig))
-        ns = {"apiVersion": "v1", "kind": "Namespace"}
-        emu.put({**ns, "metadata": {"name": "kube-system"}})
-        gen = e2e.remove_test_namespaces.__wrapped__(FixtureRequest(lab))  # type: ignore
+    emu = kube_api  # a clean real API server
+    kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig", context="kind-lab")
+    cfg = load_config(write_config(tmp_path / "lab.yaml"))
+    lab = e2e.E2ELab(tmp_path / "lab.yaml", cfg, tmp_path, str(kubeconfig))
+    ns = {"apiVersion": "v1", "kind": "Namespace"}
+    emu.put({**ns, "metadata": {"name": "kube-system"}})
+    gen = e2e.remove_test_namespaces.__wrapped__(FixtureRequest(lab))  # type: ignore
+    next(gen)
+    # The test creates its namespace, the lab re-creates one of its own, then it fails.
+    emu.put({**ns, "metadata": {"name": "e2e-hello"}})
+    emu.put({**ns, "metadata": {"name": "cert-manager"}})
+    with pytest.raises(StopIteration):
         next(gen)
-        # The test creates its namespace, the lab re-creates one of its own, then it fails.
-        emu.put({**ns, "metadata": {"name": "e2e-hello"}})
-        emu.put({**ns, "metadata": {"name": "cert-manager"}})
-        with pytest.raises(StopIteration):
-            next(gen)
-        left = {n["metadata"]["name"] for n in emu.list("v1", "Namespace")}
-        assert "e2e-hello" not in left
-        assert {"kube-system", "cert-manager"} <= left
-    finally:
-        emu.stop()
+    # deleted: a real API server keeps a namespace Terminating until its controller empties it
+    left = {n["metadata"]["name"] for n in emu.list("v1", "Namespace")
+            if "deletionTimestamp" not in n["metadata"]}
+    assert "e2e-hello" not in left
+    assert {"kube-system", "cert-manager"} <= left

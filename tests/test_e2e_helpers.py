@@ -11,7 +11,7 @@ import pytest
 
 from lab.config import load_config
 from lab.state import Record, StateStore, Transition
-from tests.conftest import load_upstream_crds, with_fakes, write_config
+from tests.conftest import with_fakes, write_config
 from tests.e2e.helpers import (
     collect_diagnostics,
     http_get,
@@ -21,7 +21,7 @@ from tests.e2e.helpers import (
     write_timings,
 )
 from tests.support import objects
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 from tests.support.upstream import require_upstream
 
 # `hubble observe -o json` lines as the CLI prints them (protojson field names).
@@ -84,35 +84,35 @@ def test_http_get_sends_the_host_header() -> None:
     assert status == 0 and detail
 
 
-def test_collect_diagnostics_gathers_every_part(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_collect_diagnostics_gathers_every_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                kube_api: ApiFront) -> None:
     require_upstream()
     monkeypatch.setenv("PATH", with_fakes(__import__('os').environ['PATH']))
     monkeypatch.setenv("LAB_FAKE_STATE", str(tmp_path / "fake"))
     (tmp_path / "fake").mkdir()
     cfg = load_config(write_config(tmp_path / "lab.yaml"))
     StateStore(cfg.state_dir).save(Record(cluster="lab", state="locked"))
-    with KubeEmulator() as emu:
-        load_upstream_crds(emu, "cilium-1.18.4/crds")
-        for obj in objects.cni_ready(["lab-control-plane"]):
-            emu.put(obj)
-        emu.put({"apiVersion": "v1", "kind": "Event",
-                 "metadata": {"name": "e1", "namespace": "echo"}, "type": "Warning",
-                 "reason": "BackOff", "message": "Back-off pulling image",
-                 "involvedObject": {"kind": "Pod", "namespace": "echo", "name": "echo-1"}})
+    emu = kube_api  # a clean real API server
+    emu.put({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "echo"}})
+    for obj in objects.cni_ready(["lab-control-plane"]):
+        emu.put(obj)
+    emu.put({"apiVersion": "v1", "kind": "Event",
+             "metadata": {"name": "e1", "namespace": "echo"}, "type": "Warning",
+             "reason": "BackOff", "message": "Back-off pulling image",
+             "involvedObject": {"kind": "Pod", "namespace": "echo", "name": "echo-1"}})
 
-        def agent(ns: str, pod: str, container: str, cmd: list[str]) -> tuple[int, str, str]:
-            if cmd[:2] == ["cilium-dbg", "status"]:
-                return 0, "KVStore: Disabled\nKubernetes: Ok\n", ""
-            if cmd[:2] == ["hubble", "observe"]:
-                return 0, json.dumps(RECORDED_DROP) + "\n", ""
-            return 1, "", f"unexpected {cmd}"
+    def agent(ns: str, pod: str, container: str, cmd: list[str]) -> tuple[int, str, str]:
+        if cmd[:2] == ["cilium-dbg", "status"]:
+            return 0, "KVStore: Disabled\nKubernetes: Ok\n", ""
+        if cmd[:2] == ["hubble", "observe"]:
+            return 0, json.dumps(RECORDED_DROP) + "\n", ""
+        return 1, "", f"unexpected {cmd}"
 
-        emu.on_exec(agent)
-        kubeconfig = tmp_path / "kubeconfig"
-        emu.write_kubeconfig(kubeconfig, context="kind-lab")
-        written = collect_diagnostics(cfg, tmp_path / "diag", str(kubeconfig))
-        assert emu.callback_errors == []
+    emu.on_exec(agent)
+    kubeconfig = tmp_path / "kubeconfig"
+    emu.write_kubeconfig(kubeconfig, context="kind-lab")
+    written = collect_diagnostics(cfg, tmp_path / "diag", str(kubeconfig))
+    assert emu.callback_errors == []
     names = {p.relative_to(tmp_path / "diag").as_posix() for p in written}
     assert {"records/lab.json", "lab/events.yaml", "lab/cilium-status-cilium-0.txt",
             "lab/hubble-dropped.jsonl", "lab/hubble-dropped-summary.txt",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,17 @@ from lab.steps.base import HelmRelease, StepContext
 from lab.steps.gateway import GATEWAY_NAMESPACE, GATEWAY_SERVICE, ensure_node_ports
 from tests.conftest import FAKE_BIN, REPO, step_context, with_fakes
 from tests.fakes.fakelib import read_calls, wait_until_sleeping
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 
 
 @pytest.fixture
-def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[StepContext]:
-    """The shipped lab's first cluster on an empty API server, the fake helm on PATH."""
+def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kube_api: ApiFront) -> StepContext:
+    """The shipped lab's first cluster on a clean real API server, the fake helm on PATH."""
     monkeypatch.setenv("LAB_FAKE_STATE", str(tmp_path / "fake"))
     monkeypatch.setenv("PATH", with_fakes(os.environ["PATH"]))
     raw = yaml.safe_load((REPO / "config" / "lab.yaml").read_text())
-    with KubeEmulator() as emu:
-        yield step_context(tmp_path, raw, emu, bin_dir=FAKE_BIN)
+    ctx: StepContext = step_context(tmp_path, raw, kube_api, bin_dir=FAKE_BIN)
+    return ctx
 
 
 def _gateway_service(emu_ctx: StepContext, type_: str) -> None:

@@ -8,7 +8,6 @@ helm v3.19.0 does (cmd/helm/repo_add.go, cmd/helm/search_repo.go).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from lab.steps.base import HelmRelease
 from lab.steps.certs import cert_manager_values
 from tests.conftest import step_context
 from tests.fakes.fakelib import read_calls, read_intervals, read_state, write_state
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 
 REPO = Path(__file__).resolve().parent.parent
 URL = "https://charts.example.org/demo"
@@ -37,13 +36,9 @@ def demo(version: str = "1.2.3", repo: str = "demo", url: str = URL) -> HelmRele
 
 
 @pytest.fixture
-def ctx(tmp_path: Path, fake: Path) -> Iterator[Any]:
-    emu = KubeEmulator().start()
-    try:
-        yield step_context(tmp_path, yaml.safe_load((REPO / "config" / "lab.yaml").read_text()),
-                           emu)
-    finally:
-        emu.stop()
+def ctx(tmp_path: Path, fake: Path, kube_api: ApiFront) -> Any:
+    return step_context(tmp_path, yaml.safe_load((REPO / "config" / "lab.yaml").read_text()),
+                        kube_api)
 
 
 def helm_argv(fake: Path, *prefix: str) -> list[list[str]]:
@@ -98,11 +93,12 @@ def test_cert_manager_startupapicheck_hook_is_off() -> None:
 
 
 def test_parallel_clusters_never_write_repo_state_while_helm_reads_it(
-        tmp_path: Path, fake: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fake: Path, monkeypatch: pytest.MonkeyPatch,
+        envtest_cluster: Any) -> None:
     raw = yaml.safe_load((REPO / "config" / "mesh.yaml").read_text())
     raw["clusters"].append({"name": "north"})
     monkeypatch.setenv("LAB_FAKE_SLEEP", "helm:upgrade=1.5")
-    emu = KubeEmulator().start()
+    emu = ApiFront(envtest_cluster.client).start()
     try:
         contexts = []
         for i in range(3):

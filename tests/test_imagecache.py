@@ -33,7 +33,7 @@ from tests.conftest import (
     with_fakes,
     write_config,
 )
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -199,12 +199,17 @@ def _standalone(env: LabEnv) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def machine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+def machine(tmp_path_factory: pytest.TempPathFactory, envtest_pool: Any) -> Iterator[LabEnv]:
     """One machine (one fake docker) where the shipped lab was brought to `cluster` once."""
     root = tmp_path_factory.mktemp("cache")
     fake_state = root / "fake"
     fake_state.mkdir()
-    emu = KubeEmulator().start()
+    with envtest_pool.lease() as (server,):
+        yield from _machine(root, fake_state, server)
+
+
+def _machine(root: Path, fake_state: Path, server: Any) -> Iterator[LabEnv]:
+    emu = ApiFront(server.client).start()
     try:
         emu.put(ready_node("lab-control-plane"))
         (fake_state / "apiservers.json").write_text(json.dumps({"lab": emu.url}))
@@ -228,7 +233,7 @@ def in_process(machine: LabEnv, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, T
 
 
 def test_created_once_then_reused_by_a_second_cluster_and_a_second_lab(
-        machine: LabEnv, tmp_path: Path) -> None:
+        machine: LabEnv, tmp_path: Path, envtest_pool: Any) -> None:
     containers, volumes = _standalone(machine)
     assert sorted(containers) == sorted(c for c, _ in CACHES.values())
     assert sorted(volumes) == sorted(containers)
@@ -246,13 +251,27 @@ def test_created_once_then_reused_by_a_second_cluster_and_a_second_lab(
     assert runs == 3
 
     # another lab (own dir and state) of two clusters on the same machine
-    emus = (KubeEmulator().start(), KubeEmulator().start())
+    with envtest_pool.lease(2) as servers:
+        _second_lab(machine, tmp_path, servers)
+    assert len(machine.calls("docker", "run")) == runs  # two more clusters, no new container
+    assert sorted(_standalone(machine)[0]) == sorted(containers)
+    kind_cfgs = [a[a.index("--config") + 1] for a in machine.calls("kind", "create")]
+    assert len(kind_cfgs) == 3
+    for path in kind_cfgs:
+        mount = yaml.safe_load(Path(path).read_text())["nodes"][0]["extraMounts"][0]
+        hosts = Path(mount["hostPath"]) / "quay.io/hosts.toml"
+        assert f"http://{CACHES['quay.io'][0]}:5000" in hosts.read_text()
+
+
+def _second_lab(machine: LabEnv, tmp_path: Path, servers: list[Any]) -> None:
+    """A lab of two clusters, two-a and two-b, brought to `cluster` on the same machine."""
+    emus = [ApiFront(server.client).start() for server in servers]
     try:
         for name, emu in zip(("two-a", "two-b"), emus, strict=True):
             emu.put(ready_node(f"{name}-control-plane"))
-        servers = json.loads((machine.fake_state / "apiservers.json").read_text())
-        servers.update({"two-a": emus[0].url, "two-b": emus[1].url})
-        (machine.fake_state / "apiservers.json").write_text(json.dumps(servers))
+        known = json.loads((machine.fake_state / "apiservers.json").read_text())
+        known.update({"two-a": emus[0].url, "two-b": emus[1].url})
+        (machine.fake_state / "apiservers.json").write_text(json.dumps(known))
         config = write_config(tmp_path / "lab.yaml", clusters=[
             {"name": "two-a", "lbPool": "172.18.254.0/24",
              "gateway": {"httpHostPort": 31080, "httpsHostPort": 31443}},
@@ -262,14 +281,6 @@ def test_created_once_then_reused_by_a_second_cluster_and_a_second_lab(
     finally:
         for emu in emus:
             emu.stop()
-    assert len(machine.calls("docker", "run")) == runs  # two more clusters, no new container
-    assert sorted(_standalone(machine)[0]) == sorted(containers)
-    kind_cfgs = [a[a.index("--config") + 1] for a in machine.calls("kind", "create")]
-    assert len(kind_cfgs) == 3
-    for path in kind_cfgs:
-        mount = yaml.safe_load(Path(path).read_text())["nodes"][0]["extraMounts"][0]
-        hosts = Path(mount["hostPath"]) / "quay.io/hosts.toml"
-        assert f"http://{CACHES['quay.io'][0]}:5000" in hosts.read_text()
 
 
 def test_two_labs_creating_it_at_once_share_one_cache(

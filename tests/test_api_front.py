@@ -1,5 +1,6 @@
-"""The emulator's pod ``exec`` and ``portforward`` subresources (WebSocket), driven by the real
-``kubernetes.stream`` client and by ``lab.kube.KubeClient``."""
+"""``ApiFront``'s pod ``exec`` and ``portforward`` subresources (WebSocket) in front of a real
+API server (the pods they reach live there), driven by the real ``kubernetes.stream`` client and
+by ``lab.kube.KubeClient``."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from kubernetes.stream import portforward, stream  # noqa: E402
 
 from lab.kube import KubeClient, KubeError  # noqa: E402
-from tests.support.emulator import ApiFront, KubeEmulator  # noqa: E402
+from tests.support.emulator import ApiFront  # noqa: E402
 
 NS = "default"
 
@@ -39,27 +40,19 @@ def pod(name: str, *containers: str, init: tuple[str, ...] = ()) -> dict[str, An
             "spec": spec}
 
 
-@pytest.fixture(scope="module",
-                params=["emulator", pytest.param("front", marks=pytest.mark.envtest)])
-def server(request: pytest.FixtureRequest) -> Iterator[KubeEmulator]:
-    """One server for the module, reset for each test by ``emu``: the emulator, and the
-    ``ApiFront`` that serves exec/port-forward in front of the real API server (the pods it
-    checks live there)."""
-    if request.param == "front":
-        envtest = request.getfixturevalue("envtest")
-        front = ApiFront(envtest.client)
-        front.delete("v1", "Pod", "agent", NS)
-        with front:
-            front.put(pod("agent", "cilium-agent"))
-            yield front
-        return
-    with KubeEmulator() as emulator:
-        emulator.put(pod("agent", "cilium-agent"))
-        yield emulator
+@pytest.fixture(scope="module")
+def server(envtest: Any) -> Iterator[ApiFront]:
+    """One front for the module, on the session's shared real API server, reset for each test
+    by ``emu``."""
+    front = ApiFront(envtest.client)
+    front.delete("v1", "Pod", "agent", NS)
+    with front:
+        front.put(pod("agent", "cilium-agent"))
+        yield front
 
 
 @pytest.fixture
-def emu(server: KubeEmulator) -> Iterator[KubeEmulator]:
+def emu(server: ApiFront) -> Iterator[ApiFront]:
     server.on_exec(None)
     server.on_portforward(None)
     server.clear_requests()
@@ -69,7 +62,7 @@ def emu(server: KubeEmulator) -> Iterator[KubeEmulator]:
 
 
 @pytest.fixture(scope="module")
-def kubeconfig(server: KubeEmulator, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def kubeconfig(server: ApiFront, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return server.write_kubeconfig(tmp_path_factory.mktemp("kube") / "kubeconfig",
                                    context="kind-lab")
 
@@ -108,7 +101,7 @@ def run(core: client.CoreV1Api, command: list[str], name: str = "agent",
 
 # -- exec through kubernetes.stream ---------------------------------------------------------------
 
-def test_exec_success_returns_stdout_and_records_the_call(emu: KubeEmulator,
+def test_exec_success_returns_stdout_and_records_the_call(emu: ApiFront,
                                                           core: client.CoreV1Api) -> None:
     seen: list[tuple[str, str, str, list[str]]] = []
 
@@ -132,13 +125,13 @@ def test_exec_success_returns_stdout_and_records_the_call(emu: KubeEmulator,
     assert request.query["stdout"] == "true" and request.query["stdin"] == "false"
 
 
-def test_exec_preloaded_returns_the_output(emu: KubeEmulator, core: client.CoreV1Api) -> None:
+def test_exec_preloaded_returns_the_output(emu: ApiFront, core: client.CoreV1Api) -> None:
     emu.on_exec(lambda ns, name, container, command: (0, "a\n", "b\n"))
     assert stream(core.connect_get_namespaced_pod_exec, "agent", NS, command=["x"],
                   stdout=True, stderr=True, stdin=False, tty=False) == "a\nb\n"
 
 
-def test_exec_nonzero_exit_code_and_stderr(emu: KubeEmulator, core: client.CoreV1Api) -> None:
+def test_exec_nonzero_exit_code_and_stderr(emu: ApiFront, core: client.CoreV1Api) -> None:
     emu.on_exec(lambda ns, name, container, command: (3, "", "boom\n"))
     resp = open_exec(core, ["sh", "-c", "exit 3"])
     resp.run_forever(timeout=5)
@@ -149,11 +142,11 @@ def test_exec_nonzero_exit_code_and_stderr(emu: KubeEmulator, core: client.CoreV
     resp.close()
 
 
-def test_exec_without_handler_answers_126(emu: KubeEmulator, core: client.CoreV1Api) -> None:
+def test_exec_without_handler_answers_126(emu: ApiFront, core: client.CoreV1Api) -> None:
     assert run(core, ["ls"]) == (126, "", "no exec handler registered in the emulator")
 
 
-def test_the_latest_exec_handler_wins(emu: KubeEmulator, core: client.CoreV1Api) -> None:
+def test_the_latest_exec_handler_wins(emu: ApiFront, core: client.CoreV1Api) -> None:
     emu.on_exec(lambda ns, name, container, command: (0, "first", ""))
     emu.on_exec(lambda ns, name, container, command: (0, "second", ""))
     assert run(core, ["x"]) == (0, "second", "")
@@ -161,14 +154,14 @@ def test_the_latest_exec_handler_wins(emu: KubeEmulator, core: client.CoreV1Api)
     assert run(core, ["x"])[0] == 126
 
 
-def test_exec_honours_stdout_stderr_and_tty(emu: KubeEmulator, core: client.CoreV1Api) -> None:
+def test_exec_honours_stdout_stderr_and_tty(emu: ApiFront, core: client.CoreV1Api) -> None:
     emu.on_exec(lambda ns, name, container, command: (0, "out", "err"))
     assert run(core, ["x"], stdout=False) == (0, "", "err")
     assert run(core, ["x"], tty=True) == (0, "outerr", "")  # a terminal has one stream
     assert emu.exec_calls[-1].tty is True
 
 
-def test_exec_streams_chunks_as_they_come(emu: KubeEmulator, core: client.CoreV1Api) -> None:
+def test_exec_streams_chunks_as_they_come(emu: ApiFront, core: client.CoreV1Api) -> None:
     proceed = threading.Event()
 
     def follow(ns: str, name: str, container: str,
@@ -189,7 +182,7 @@ def test_exec_streams_chunks_as_they_come(emu: KubeEmulator, core: client.CoreV1
     resp.close()
 
 
-def test_exec_handler_failure_is_an_internal_error(emu: KubeEmulator,
+def test_exec_handler_failure_is_an_internal_error(emu: ApiFront,
                                                    core: client.CoreV1Api) -> None:
     def broken(ns: str, name: str, container: str, command: list[str]) -> tuple[int, str, str]:
         raise RuntimeError("handler bug")
@@ -205,7 +198,7 @@ def test_exec_handler_failure_is_an_internal_error(emu: KubeEmulator,
     emu.callback_errors.clear()  # expected: keep the fixture's check quiet
 
 
-def test_exec_on_a_missing_pod_fails_the_handshake_with_404(emu: KubeEmulator,
+def test_exec_on_a_missing_pod_fails_the_handshake_with_404(emu: ApiFront,
                                                             core: client.CoreV1Api) -> None:
     with pytest.raises(ApiException) as info:
         open_exec(core, ["x"], name="ghost")
@@ -217,7 +210,7 @@ def test_exec_on_a_missing_pod_fails_the_handshake_with_404(emu: KubeEmulator,
     assert emu.exec_calls == []
 
 
-def test_exec_checks_the_container_like_the_api_server(emu: KubeEmulator,
+def test_exec_checks_the_container_like_the_api_server(emu: ApiFront,
                                                        core: client.CoreV1Api) -> None:
     emu.put(pod("two", "app", "sidecar", init=("setup",)))
     emu.on_exec(lambda ns, name, container, command: (0, container, ""))
@@ -233,7 +226,7 @@ def test_exec_checks_the_container_like_the_api_server(emu: KubeEmulator,
     assert run(core, ["x"], "two", container="setup")[1] == "setup"
 
 
-def test_exec_needs_a_websocket_upgrade_and_honours_fail_next(emu: KubeEmulator,
+def test_exec_needs_a_websocket_upgrade_and_honours_fail_next(emu: ApiFront,
                                                               core: client.CoreV1Api) -> None:
     url = f"{emu.url}/api/v1/namespaces/{NS}/pods/agent/exec?command=ls&stdout=true"
     with pytest.raises(urllib.error.HTTPError) as info:
@@ -247,7 +240,7 @@ def test_exec_needs_a_websocket_upgrade_and_honours_fail_next(emu: KubeEmulator,
     assert "Handshake status 500" in api_info.value.reason
 
 
-def test_websocket_ping_fragments_and_stdin(emu: KubeEmulator) -> None:
+def test_websocket_ping_fragments_and_stdin(emu: ApiFront) -> None:
     """RFC 6455 details the kubernetes client does not exercise: ping/pong, fragmented client
     messages, client data while the command runs (dropped)."""
     release = threading.Event()
@@ -277,7 +270,7 @@ def test_websocket_ping_fragments_and_stdin(emu: KubeEmulator) -> None:
         ws.close()
 
 
-def test_exec_offering_no_known_protocol_is_refused(emu: KubeEmulator) -> None:
+def test_exec_offering_no_known_protocol_is_refused(emu: ApiFront) -> None:
     with pytest.raises(websocket.WebSocketBadStatusException) as info:
         websocket.create_connection(
             f"ws://127.0.0.1:{emu.port}/api/v1/namespaces/{NS}/pods/agent/exec"
@@ -286,8 +279,8 @@ def test_exec_offering_no_known_protocol_is_refused(emu: KubeEmulator) -> None:
     assert info.value.status_code == 400
 
 
-def test_stopping_the_emulator_ends_a_running_exec(tmp_path: Path) -> None:
-    emu = KubeEmulator().start()
+def test_stopping_the_front_ends_a_running_exec(tmp_path: Path, envtest: Any) -> None:
+    emu = ApiFront(envtest.client).start()
     emu.put(pod("agent", "cilium-agent"))
     kubeconfig = emu.write_kubeconfig(tmp_path / "kubeconfig", context="kind-lab")
     release = threading.Event()
@@ -318,7 +311,7 @@ def test_stopping_the_emulator_ends_a_running_exec(tmp_path: Path) -> None:
 
 # -- exec through lab.kube.KubeClient -------------------------------------------------------------
 
-def test_kube_client_exec(emu: KubeEmulator, kube: KubeClient) -> None:
+def test_kube_client_exec(emu: ApiFront, kube: KubeClient) -> None:
     emu.on_exec(lambda ns, name, container, command:
                 (0, "ok\n", "") if command[0] == "true" else (1, "", "no such thing\n"))
     result = kube.exec(NS, "agent", ["true"], container="cilium-agent", timeout=5)
@@ -328,14 +321,14 @@ def test_kube_client_exec(emu: KubeEmulator, kube: KubeClient) -> None:
     assert emu.exec_calls[0].container == "cilium-agent"
 
 
-def test_kube_client_exec_on_a_missing_pod(emu: KubeEmulator, kube: KubeClient) -> None:
+def test_kube_client_exec_on_a_missing_pod(emu: ApiFront, kube: KubeClient) -> None:
     with pytest.raises(KubeError) as info:
         kube.exec(NS, "ghost", ["true"], timeout=5)
     assert "404" in str(info.value)
 
 
 def test_kube_client_exec_stream_stops_the_command_when_the_reader_leaves(
-        emu: KubeEmulator, kube: KubeClient) -> None:
+        emu: ApiFront, kube: KubeClient) -> None:
     closed = threading.Event()
 
     def observe(ns: str, name: str, container: str, command: list[str]) -> Iterator[Any]:
@@ -359,7 +352,7 @@ def test_kube_client_exec_stream_stops_the_command_when_the_reader_leaves(
     assert time.monotonic() - started < 1.5  # no wait for a close handshake timeout
 
 
-def test_kube_client_exec_stream_ends_with_the_command(emu: KubeEmulator,
+def test_kube_client_exec_stream_ends_with_the_command(emu: ApiFront,
                                                        kube: KubeClient) -> None:
     emu.on_exec(lambda ns, name, container, command: iter([(1, "a\n"), (2, "b\n"), (1, "c\n")]))
     text = "".join(kube.exec_stream(NS, "agent", ["x"]))
@@ -371,7 +364,7 @@ def test_kube_client_exec_stream_ends_with_the_command(emu: KubeEmulator,
 
 # -- port-forward ---------------------------------------------------------------------------------
 
-def test_portforward_through_kubernetes_stream(emu: KubeEmulator,
+def test_portforward_through_kubernetes_stream(emu: ApiFront,
                                                core: client.CoreV1Api) -> None:
     opened: list[tuple[str, str, int]] = []
 
@@ -397,13 +390,13 @@ def test_portforward_through_kubernetes_stream(emu: KubeEmulator,
     assert emu.requests[-1].path == f"/api/v1/namespaces/{NS}/pods/agent/portforward"
 
 
-def test_portforward_on_a_missing_pod(emu: KubeEmulator, core: client.CoreV1Api) -> None:
+def test_portforward_on_a_missing_pod(emu: ApiFront, core: client.CoreV1Api) -> None:
     with pytest.raises(ApiException) as info:
         portforward(core.connect_get_namespaced_pod_portforward, "ghost", NS, ports="80")
     assert "Handshake status 404" in info.value.reason
 
 
-def test_kube_client_port_forward(emu: KubeEmulator, kube: KubeClient) -> None:
+def test_kube_client_port_forward(emu: ApiFront, kube: KubeClient) -> None:
     def http(ns: str, name: str, port: int) -> Any:
         return lambda data: b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
