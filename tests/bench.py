@@ -1,9 +1,9 @@
 """Wall-time figures (run with `nox -s bench` or `python -m tests.bench`). Prints, asserts nothing.
 
 - `invoke --list`: the cost of every task invocation before it does anything (goal ≤ 0.5 s).
-- a converged `lab.up --resume` against the API emulator and the fake tools: the cost of the
-  spine itself (probe every completed step, find nothing to do), at `cluster` and — with the
-  cluster simulator (tests/support/simcluster.py) behind the emulator — at `locked`.
+- a converged `lab.up --resume` against a real API server (envtest) and the fake tools: the cost
+  of the spine itself (probe every completed step, find nothing to do), at `cluster` and — with
+  the cluster simulator (tests/support/simcluster.py) on that server — at `locked`.
 - a converged plain `lab.up` (re-applies every step, changes nothing).
 """
 
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from tests.conftest import LabEnv, ready_node, write_config
-from tests.support.emulator import KubeEmulator
+from tests.support.emulator import ApiFront
+from tests.support.envtest import EnvtestServer, ServerPool
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,30 @@ def _measure(runs: int) -> tuple[dict[str, list[float]], list[str]]:
     skipped: list[str] = []
     results["invoke --list"] = _time([sys.executable, "-m", "invoke", "--list"], runs,
                                      cwd=REPO)
-    with tempfile.TemporaryDirectory() as tmp, KubeEmulator() as emu:
+    from tests.support import deps
+
+    deps.prepare_upstream()  # where the folder is absent, fetch the pinned files (online)
+    try:
+        upstream, assets = deps.require_upstream(), deps.require_envtest()
+    except deps.Missing as missing:
+        # The labs run on a real API server with the pinned CRDs; the simulated one also installs
+        # the pinned Gateway API CRDs from the upstream folder (no network).
+        skipped.append(f"{'simulated lab figures':<44} skipped: {missing.reason}")
+        return results, skipped
+    pool = ServerPool(assets, upstream)
+    try:
+        with pool.lease() as (server,):
+            results.update(_cluster_figures(server, runs))
+        with pool.lease() as servers:
+            results.update(_locked_figures(servers, runs))
+    finally:
+        pool.stop_all()
+    return results, skipped
+
+
+def _cluster_figures(server: EnvtestServer, runs: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, ApiFront(server.client) as emu:
         root = Path(tmp)
         fake = root / "fake"
         fake.mkdir()
@@ -82,29 +106,23 @@ def _measure(runs: int) -> tuple[dict[str, list[float]], list[str]]:
             env=lab.env())
         results["converged lab.up --to cluster (re-apply)"] = _time(
             lab.command("lab.up", "--to", "cluster"), runs, cwd=root, env=lab.env())
-    from tests.support import deps
+    return results
 
-    deps.prepare_upstream()  # where the folder is absent, fetch the pinned files (online)
-    try:
-        deps.require_upstream()
-    except deps.Missing as missing:
-        # The simulated lab installs the pinned Gateway API CRDs from that folder (no network).
-        skipped.append(f"{'simulated lab figures':<44} skipped: {missing.reason}")
-        return results, skipped
-    with tempfile.TemporaryDirectory() as tmp:
-        from tests.support.simcluster import sim_lab
 
-        with sim_lab(Path(tmp)) as sim:
-            env = sim.env
-            started = time.perf_counter()
-            env.run("lab.up", timeout=600)
-            results["lab.up absent → locked (simulated cluster)"] = [
-                time.perf_counter() - started]
-            results["converged lab.up --resume (locked)"] = _time(
-                env.command("lab.up", "--resume"), runs, cwd=env.root, env=env.env())
-            results["converged lab.up (locked, re-apply)"] = _time(
-                env.command("lab.up"), max(1, runs // 2), cwd=env.root, env=env.env())
-    return results, skipped
+def _locked_figures(servers: list[EnvtestServer], runs: int) -> dict[str, list[float]]:
+    from tests.support.simcluster import sim_lab
+
+    results: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, sim_lab(Path(tmp), servers) as sim:
+        env = sim.env
+        started = time.perf_counter()
+        env.run("lab.up", timeout=600)
+        results["lab.up absent → locked (simulated cluster)"] = [time.perf_counter() - started]
+        results["converged lab.up --resume (locked)"] = _time(
+            env.command("lab.up", "--resume"), runs, cwd=env.root, env=env.env())
+        results["converged lab.up (locked, re-apply)"] = _time(
+            env.command("lab.up"), max(1, runs // 2), cwd=env.root, env=env.env())
+    return results
 
 
 if __name__ == "__main__":

@@ -39,14 +39,15 @@ def upstream_dir() -> Path:
     return deps.require_upstream()
 
 
-# Modules whose module-scoped fixture is a whole lab (or an expensive server): under xdist all of
-# a module's tests go to one worker, or each worker would build the fixture again (the mesh alone
-# is two real API servers and a `lab.mesh`). The modules on the session's shared real API server
-# share a worker too, so one server is started, not one per worker.
+# Modules whose module-scoped fixture is a whole lab: under xdist all of a module's tests go to one
+# worker, or each worker would build the fixture again (the mesh is a `lab.mesh` on two real API
+# servers). Real servers are started per worker as its tests need them at once (~9 s of CPU each),
+# so the modules that lease the most share one: the mesh and the README walk (one cluster and a
+# mesh) on one worker, the module-wide labs and namespace tests on one server of another.
 XDIST_GROUPS = {
-    "test_mesh": "mesh", "test_imagecache": "imagecache", "test_gateway_certs": "gateway_certs",
-    "test_locked": "locked", "test_policy_oracle": "policy_oracle",
-    "test_servicemap": "servicemap",
+    "test_mesh": "mesh", "test_readme_walk": "mesh", "test_imagecache": "imagecache",
+    "test_gateway_certs": "gateway_certs", "test_locked": "locked",
+    "test_policy_oracle": "policy_oracle", "test_servicemap": "servicemap",
     "test_lab_flow": "envtest-shared", "test_envtest_api": "envtest-shared",
     "test_api_front": "envtest-shared"}
 
@@ -265,11 +266,12 @@ def envtest_pool() -> Iterator[Any]:
         pool.stop_all()
 
 
-@pytest.fixture(scope="session")
-def envtest(envtest_pool: Any) -> Any:
-    """The session's shared real API server with the pinned CRDs Established; tests isolate by
-    namespace (``envtest_namespace``) or apply with dryRun."""
-    return envtest_pool.shared()
+@pytest.fixture(scope="module")
+def envtest(envtest_pool: Any) -> Iterator[Any]:
+    """A real API server with the pinned CRDs Established, lent to this module (reset first):
+    its tests isolate by namespace (``envtest_namespace``), apply with dryRun or share one lab."""
+    with envtest_pool.lease() as (server,):
+        yield server
 
 
 @pytest.fixture

@@ -32,6 +32,56 @@ LOCKED_STATES = list(STATES[1:STATES.index("locked") + 1])
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
 
 
+# Before the module's lab is built: the server this test leases is then the lab's.
+def test_kill_inside_gateway_and_certs_then_resume_converges(tmp_path: Path,
+                                                             envtest_cluster: Any) -> None:
+    require_upstream()
+    sim_lab = make_lab(tmp_path, [envtest_cluster])
+    env, sim = sim_lab.env, sim_lab.sims["lab"]
+    try:
+        # Killed while the gateway step asks Docker for the network.
+        proc = env.start("lab.up", LAB_FAKE_SLEEP="docker:network inspect=30")
+        try:
+            wait_until_sleeping(env.fake_state, "docker", ["network", "inspect"])
+        finally:
+            env.kill(proc)
+        rec = env.record()
+        assert rec["state"] == "cni"
+        assert (rec["history"][-1]["transition"], rec["history"][-1]["outcome"]) == (
+            "gateway", "running")
+        # Resumed, then killed again while helm installs cert-manager (release pending-install).
+        proc = env.start("lab.up", "--resume", LAB_FAKE_SLEEP="helm:upgrade=30")
+        try:
+            wait_until_sleeping(env.fake_state, "helm", ["upgrade", "cert-manager"])
+        finally:
+            env.kill(proc)
+        helm = json.loads((env.fake_state / "helm.json").read_text())
+        assert helm["kind-lab"]["cert-manager/cert-manager"]["history"][-1]["status"] == \
+            "pending-install"
+        rec = env.record()
+        assert rec["state"] == "gateway"
+        # The last resume converges, repairing the unfinished release first.
+        proc = env.run("lab.up", "--resume")
+        assert "lab is up" in proc.stdout
+        rec = env.record()
+        assert rec["state"] == "locked"
+        assert all(rec["gates"][s]["ready"] for s in LOCKED_STATES)
+        outcomes = [(t["transition"], t["outcome"]) for t in rec["history"]]
+        assert outcomes == [("cluster", "ok"), ("cni", "ok"), ("gateway", "interrupted"),
+                            ("gateway", "ok"), ("certs", "interrupted"), ("certs", "ok"),
+                            ("locked", "ok")]
+        assert [a[:2] for a in env.calls("helm", "uninstall")] == [["uninstall", "cert-manager"]]
+        assert len(env.calls("kind", "create")) == 1
+        assert [a[2] for a in env.calls("helm", "upgrade")] == [
+            "cilium", "cert-manager", "cert-manager"]
+        ok, detail = https_probe("127.0.0.1", sim.https_port, "echo.localhost",
+                                 _ca_pem(sim.emu))
+        assert ok, detail
+        sim_lab.check()
+    finally:
+        sim_lab.close()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory,
         envtest: Any) -> Iterator[tuple[SimLab, Any, float]]:
@@ -222,55 +272,6 @@ def test_the_gates_depend_on_what_the_product_applied(lab: tuple[SimLab, Any, fl
     cilium_ca = (env.state_dir / "ca" / "cilium-ca.crt").read_text()
     ok, detail = https_probe("127.0.0.1", sim.https_port, "echo.localhost", cilium_ca)
     assert not ok and "does not verify against the lab CA" in detail
-
-
-def test_kill_inside_gateway_and_certs_then_resume_converges(tmp_path: Path,
-                                                             envtest_cluster: Any) -> None:
-    require_upstream()
-    sim_lab = make_lab(tmp_path, [envtest_cluster])
-    env, sim = sim_lab.env, sim_lab.sims["lab"]
-    try:
-        # Killed while the gateway step asks Docker for the network.
-        proc = env.start("lab.up", LAB_FAKE_SLEEP="docker:network inspect=30")
-        try:
-            wait_until_sleeping(env.fake_state, "docker", ["network", "inspect"])
-        finally:
-            env.kill(proc)
-        rec = env.record()
-        assert rec["state"] == "cni"
-        assert (rec["history"][-1]["transition"], rec["history"][-1]["outcome"]) == (
-            "gateway", "running")
-        # Resumed, then killed again while helm installs cert-manager (release pending-install).
-        proc = env.start("lab.up", "--resume", LAB_FAKE_SLEEP="helm:upgrade=30")
-        try:
-            wait_until_sleeping(env.fake_state, "helm", ["upgrade", "cert-manager"])
-        finally:
-            env.kill(proc)
-        helm = json.loads((env.fake_state / "helm.json").read_text())
-        assert helm["kind-lab"]["cert-manager/cert-manager"]["history"][-1]["status"] == \
-            "pending-install"
-        rec = env.record()
-        assert rec["state"] == "gateway"
-        # The last resume converges, repairing the unfinished release first.
-        proc = env.run("lab.up", "--resume")
-        assert "lab is up" in proc.stdout
-        rec = env.record()
-        assert rec["state"] == "locked"
-        assert all(rec["gates"][s]["ready"] for s in LOCKED_STATES)
-        outcomes = [(t["transition"], t["outcome"]) for t in rec["history"]]
-        assert outcomes == [("cluster", "ok"), ("cni", "ok"), ("gateway", "interrupted"),
-                            ("gateway", "ok"), ("certs", "interrupted"), ("certs", "ok"),
-                            ("locked", "ok")]
-        assert [a[:2] for a in env.calls("helm", "uninstall")] == [["uninstall", "cert-manager"]]
-        assert len(env.calls("kind", "create")) == 1
-        assert [a[2] for a in env.calls("helm", "upgrade")] == [
-            "cilium", "cert-manager", "cert-manager"]
-        ok, detail = https_probe("127.0.0.1", sim.https_port, "echo.localhost",
-                                 _ca_pem(sim.emu))
-        assert ok, detail
-        sim_lab.check()
-    finally:
-        sim_lab.close()
 
 
 def test_render_of_the_shipped_config_validates(tmp_path: Path) -> None:

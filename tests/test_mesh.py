@@ -242,6 +242,57 @@ def test_render_of_the_two_cluster_config_validates(tmp_path: Path) -> None:
 
 # -- the mesh end to end ---------------------------------------------------------------------------
 
+# Before the module's mesh is built: the two servers this test leases are then the mesh's.
+def test_a_crash_in_one_cluster_lets_the_other_reach_locked_then_resume_converges(
+        tmp_path: Path, envtest_pool: Any) -> None:
+    require_upstream()
+    with envtest_pool.lease(2) as servers:
+        _crash_one_cluster_then_resume(tmp_path, servers)
+
+
+def _crash_one_cluster_then_resume(tmp_path: Path, servers: list[Any]) -> None:
+    lab = make_lab(tmp_path, servers, "config/mesh.yaml", [{"name": "east"}, {"name": "west"}])
+    env = lab.env
+    try:
+        # west's API server fails helm's install of cert-manager (fakelib's injection keys are
+        # per tool and subcommand, not per cluster: the fault goes into west's API instead)
+        lab.sims["west"].emu.fail_next(
+            "POST", r"^/api/v1/namespaces/cert-manager/serviceaccounts$", 500, "InternalError",
+            message="etcdserver: request timed out")
+        proc = env.run("lab.mesh", check=False, timeout=150, LAB_GATE_TIMEOUT="10")
+        assert proc.returncode == 1
+        assert "etcdserver: request timed out" in proc.stderr
+        east, west = env.record("east"), env.record("west")
+        assert east["state"] == "locked"
+        assert [t["outcome"] for t in east["history"]] == ["ok"] * 5
+        assert west["state"] == "gateway"
+        assert (west["history"][-1]["transition"], west["history"][-1]["outcome"]) == (
+            "certs", "failed")
+        helm = json.loads((env.fake_state / "helm.json").read_text())
+        assert helm["kind-west"]["cert-manager/cert-manager"]["history"][-1]["status"] == \
+            "failed"
+        assert "cert-manager/cert-manager" in helm["kind-east"]
+        east_len = len(east["history"])
+        proc = env.run("lab.up", "--resume", timeout=150, LAB_GATE_TIMEOUT="10")
+        for name in ("east", "west"):
+            rec = env.record(name)
+            assert rec["state"] == "meshed", name
+            assert all(rec["gates"][s]["ready"] for s in MESH_STATES), name
+        # east was trusted (re-probed, not re-run) and only went on to `meshed`
+        assert [(t["transition"], t["outcome"]) for t in env.record("east")["history"][
+            east_len:]] == [("meshed", "ok")]
+        assert [(t["transition"], t["outcome"]) for t in env.record("west")["history"][-3:]] == [
+            ("certs", "ok"), ("locked", "ok"), ("meshed", "ok")]
+        # the failed release was cleared before the retry
+        uninstalls = [a for a in env.calls("helm", "uninstall")]
+        assert len(uninstalls) == 1 and uninstalls[0][1] == "cert-manager"
+        assert "kind-west" in uninstalls[0]
+        assert len(env.calls("kind", "create")) == 2
+        lab.check()
+    finally:
+        lab.close()
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory,
          envtest_pool: Any) -> Iterator[tuple[SimLab, Any, float]]:
@@ -410,56 +461,6 @@ def test_down_west_removes_it_from_east_peers(mesh: tuple[SimLab, Any, float]) -
     status = {r["cluster"]: r for r in json.loads(
         env.run("lab.status", "--json", "--offline").stdout)}
     assert status["west"]["state"] == "absent" and status["east"]["state"] == "meshed"
-
-
-def test_a_crash_in_one_cluster_lets_the_other_reach_locked_then_resume_converges(
-        tmp_path: Path, envtest_pool: Any) -> None:
-    require_upstream()
-    with envtest_pool.lease(2) as servers:
-        _crash_one_cluster_then_resume(tmp_path, servers)
-
-
-def _crash_one_cluster_then_resume(tmp_path: Path, servers: list[Any]) -> None:
-    lab = make_lab(tmp_path, servers, "config/mesh.yaml", [{"name": "east"}, {"name": "west"}])
-    env = lab.env
-    try:
-        # west's API server fails helm's install of cert-manager (fakelib's injection keys are
-        # per tool and subcommand, not per cluster: the fault goes into west's API instead)
-        lab.sims["west"].emu.fail_next(
-            "POST", r"^/api/v1/namespaces/cert-manager/serviceaccounts$", 500, "InternalError",
-            message="etcdserver: request timed out")
-        proc = env.run("lab.mesh", check=False, timeout=150, LAB_GATE_TIMEOUT="10")
-        assert proc.returncode == 1
-        assert "etcdserver: request timed out" in proc.stderr
-        east, west = env.record("east"), env.record("west")
-        assert east["state"] == "locked"
-        assert [t["outcome"] for t in east["history"]] == ["ok"] * 5
-        assert west["state"] == "gateway"
-        assert (west["history"][-1]["transition"], west["history"][-1]["outcome"]) == (
-            "certs", "failed")
-        helm = json.loads((env.fake_state / "helm.json").read_text())
-        assert helm["kind-west"]["cert-manager/cert-manager"]["history"][-1]["status"] == \
-            "failed"
-        assert "cert-manager/cert-manager" in helm["kind-east"]
-        east_len = len(east["history"])
-        proc = env.run("lab.up", "--resume", timeout=150, LAB_GATE_TIMEOUT="10")
-        for name in ("east", "west"):
-            rec = env.record(name)
-            assert rec["state"] == "meshed", name
-            assert all(rec["gates"][s]["ready"] for s in MESH_STATES), name
-        # east was trusted (re-probed, not re-run) and only went on to `meshed`
-        assert [(t["transition"], t["outcome"]) for t in env.record("east")["history"][
-            east_len:]] == [("meshed", "ok")]
-        assert [(t["transition"], t["outcome"]) for t in env.record("west")["history"][-3:]] == [
-            ("certs", "ok"), ("locked", "ok"), ("meshed", "ok")]
-        # the failed release was cleared before the retry
-        uninstalls = [a for a in env.calls("helm", "uninstall")]
-        assert len(uninstalls) == 1 and uninstalls[0][1] == "cert-manager"
-        assert "kind-west" in uninstalls[0]
-        assert len(env.calls("kind", "create")) == 2
-        lab.check()
-    finally:
-        lab.close()
 
 
 def test_pod_names_are_matched_to_their_cluster_exactly() -> None:
