@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import LabEnv, ready_node, write_config
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 from tests.support.envtest import EnvtestServer, ServerPool
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def _cluster_figures(server: EnvtestServer, runs: int) -> dict[str, list[float]]
         emu.put(ready_node("lab-control-plane"))
         (fake / "apiservers.json").write_text(json.dumps({"lab": emu.url}))
         lab = LabEnv(root=root, config=write_config(root / "lab.yaml"), fake_state=fake,
-                     kubeconfig=root / "kubeconfig", emulators={"lab": emu})
+                     kubeconfig=root / "kubeconfig", fronts={"lab": emu})
         lab.run("lab.up", "--to", "cluster")
         results["converged lab.up --resume --to cluster"] = _time(
             lab.command("lab.up", "--resume", "--to", "cluster"), runs, cwd=root,

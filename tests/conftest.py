@@ -1,4 +1,5 @@
-"""Shared fixtures: a lab wired to the API emulator and the fake kind/helm/docker on PATH.
+"""Shared fixtures: a lab wired to real API servers (envtest, behind an ``ApiFront``) and the fake
+kind/helm/docker on PATH.
 
 The fakes live in tests/fakes/bin and are put on PATH for the subprocesses the tests start; the
 product code under lab/ runs unchanged against them and against a real HTTP API server.
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from tests.support import deps
-from tests.support.emulator import KubeEmulator
+from tests.support.apifront import ApiFront
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_BIN = REPO / "tests" / "fakes" / "bin"
@@ -82,8 +83,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             m.args == (g,) for m in i.iter_markers("xdist_group"))), len(first)))
 
 
-def load_upstream_crds(emu: KubeEmulator, *folders: str) -> None:
-    """Serve upstream CRDs (e.g. "cilium-1.18.4/crds") in the emulator; parsed once per run."""
+def load_upstream_crds(emu: ApiFront, *folders: str) -> None:
+    """Write upstream CRDs (e.g. "cilium-1.18.4/crds") to the server behind ``emu``, as a
+    chart or an operator installs them; parsed once per run."""
     from tests.support.envtest import load_yaml_docs
 
     for folder in folders:
@@ -93,13 +95,14 @@ def load_upstream_crds(emu: KubeEmulator, *folders: str) -> None:
 
 @dataclass
 class LabEnv:
-    """One lab in a temp dir: config, state, fakes' state, kubeconfig, emulators per cluster."""
+    """One lab in a temp dir: config, state, fakes' state, kubeconfig, the API front of each
+    cluster."""
 
     root: Path
     config: Path
     fake_state: Path
     kubeconfig: Path
-    emulators: dict[str, KubeEmulator]
+    fronts: dict[str, ApiFront]
     # environment forced on every run, e.g. a longer gate timeout against real API servers
     overrides: dict[str, str] = field(default_factory=dict)
 
@@ -198,7 +201,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return state
 
 
-def step_context(tmp_path: Path, raw: dict[str, Any], emu: KubeEmulator | None = None,
+def step_context(tmp_path: Path, raw: dict[str, Any], emu: ApiFront | None = None,
                  timeouts: Any = None, bin_dir: Path | None = None) -> Any:
     """A StepContext for the first cluster of ``raw`` (state under tmp_path), talking to ``emu``
     through a kubeconfig of its own (or to nothing)."""
@@ -237,7 +240,7 @@ def lab_env(tmp_path: Path, kube_api: Any) -> LabEnv:
     (fake_state / "apiservers.json").write_text(json.dumps({"lab": kube_api.url}))
     return LabEnv(root=tmp_path, config=write_config(tmp_path / "lab.yaml"),
                   fake_state=fake_state, kubeconfig=tmp_path / "kubeconfig",
-                  emulators={"lab": kube_api})
+                  fronts={"lab": kube_api})
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -283,8 +286,6 @@ def envtest_cluster(envtest_pool: Any) -> Iterator[Any]:
 
 
 def _front(server: Any) -> Iterator[Any]:
-    from tests.support.emulator import ApiFront
-
     front = ApiFront(server.client.as_user_agent("test")).start()
     try:
         yield front

@@ -27,7 +27,7 @@ from kubernetes.client.exceptions import ApiException  # noqa: E402
 from kubernetes.stream import portforward, stream  # noqa: E402
 
 from lab.kube import KubeClient, KubeError  # noqa: E402
-from tests.support.emulator import ApiFront  # noqa: E402
+from tests.support.apifront import ApiFront  # noqa: E402
 
 NS = "default"
 
@@ -143,7 +143,7 @@ def test_exec_nonzero_exit_code_and_stderr(emu: ApiFront, core: client.CoreV1Api
 
 
 def test_exec_without_handler_answers_126(emu: ApiFront, core: client.CoreV1Api) -> None:
-    assert run(core, ["ls"]) == (126, "", "no exec handler registered in the emulator")
+    assert run(core, ["ls"]) == (126, "", "no exec handler registered in the front")
 
 
 def test_the_latest_exec_handler_wins(emu: ApiFront, core: client.CoreV1Api) -> None:

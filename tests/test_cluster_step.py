@@ -26,7 +26,7 @@ from lab.steps.cluster import (
 )
 from tests.conftest import ready_node, step_context
 from tests.fakes.fakelib import read_calls, read_intervals, read_state, write_state
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from lab.steps.cni import CniStep, cilium_values, gateway_api_crds
 from lab.tools import Tools
 from tests.conftest import REPO, LabEnv, write_config
 from tests.support import objects
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 from tests.support.upstream import require_upstream, validate_helm_values
 
 
@@ -258,14 +258,14 @@ def test_gate_timeout_names_the_failing_conditions(
 def lab_env(lab_env: LabEnv) -> Iterator[LabEnv]:
     """conftest's lab, and afterwards: no hook of this module failed inside the emulator."""
     yield lab_env
-    for emu in lab_env.emulators.values():
+    for emu in lab_env.fronts.values():
         assert emu.callback_errors == []
 
 
 def _seed_cni(lab_env: LabEnv) -> None:
     """The fake helm 'installs' the chart as ready objects; the CRD cache holds the pinned files."""
     up = require_upstream()
-    emu = lab_env.emulators["lab"]  # a real API server: it establishes the CRDs itself
+    emu = lab_env.fronts["lab"]  # a real API server: it establishes the CRDs itself
     emu.on_exec(lambda *a: (0, objects.hubble_status_json(1), ""))
     charts = lab_env.fake_state / "charts" / "cilium"
     charts.mkdir(parents=True)
@@ -288,7 +288,7 @@ def _gateway_api_crd_names() -> set[str]:
 def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(lab_env: LabEnv) -> None:
     _seed_cni(lab_env)
     lab_env.run("lab.up", "--to", "cni")
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     crds = _gateway_api_crd_names()
     assert len(crds) == 6
     for name in sorted(crds):
@@ -317,7 +317,7 @@ def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(lab_env: LabEn
 def test_rerun_after_success_changes_nothing(lab_env: LabEnv) -> None:
     _seed_cni(lab_env)
     lab_env.run("lab.up", "--to", "cni")
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     emu.clear_requests()
     lab_env.run("lab.up", "--to", "cni")
     assert len(lab_env.calls("helm", "upgrade")) == 1

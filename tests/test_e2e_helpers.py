@@ -21,7 +21,7 @@ from tests.e2e.helpers import (
     write_timings,
 )
 from tests.support import objects
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 from tests.support.upstream import require_upstream
 
 # `hubble observe -o json` lines as the CLI prints them (protojson field names).

@@ -35,7 +35,7 @@ def _render(tmp_path: Path, config: str) -> list[Obj]:
     fake = tmp_path / "fake"
     fake.mkdir(exist_ok=True)
     env = LabEnv(root=tmp_path, config=REPO / config, fake_state=fake,
-                 kubeconfig=tmp_path / "kubeconfig", emulators={})
+                 kubeconfig=tmp_path / "kubeconfig", fronts={})
     env.run("lab.render", "--config", str(REPO / config), "--out", str(out))
     objects = []
     for path in sorted(out.glob("*/*/*.yaml")):  # <cluster>/<state>/*.yaml
@@ -51,7 +51,7 @@ def _onboarded(tmp_path: Path) -> list[Obj]:
     fake = tmp_path / "fake"
     fake.mkdir(exist_ok=True)
     env = LabEnv(root=tmp_path, config=REPO / "config" / "lab.yaml", fake_state=fake,
-                 kubeconfig=tmp_path / "kubeconfig", emulators={})
+                 kubeconfig=tmp_path / "kubeconfig", fronts={})
     shapes = [["shop", "--namespace", "shop", "--port", "8080", "--host", "shop"],
               ["db", "--namespace", "data", "--port", "5432",
                "--from", "app:shop/app.kubernetes.io/name=shop",

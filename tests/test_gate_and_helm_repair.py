@@ -18,7 +18,7 @@ from lab.steps.base import HelmRelease, StepContext
 from lab.steps.gateway import GATEWAY_NAMESPACE, GATEWAY_SERVICE, ensure_node_ports
 from tests.conftest import FAKE_BIN, REPO, step_context, with_fakes
 from tests.fakes.fakelib import read_calls, wait_until_sleeping
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from lab.steps.base import CANCELLED, Check, StepContext, Timeouts, Verdict
 from lab.steps.cni import CniStep
 from tests.conftest import REPO, step_context
 from tests.support import objects
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 
 NODE = "lab-control-plane"
 AGENT_IMAGE = "quay.io/cilium/cilium:v1.18.4@sha256:" + "0" * 64

@@ -59,7 +59,7 @@ from lab.steps.gateway import (
     resolve_pool,
 )
 from tests.conftest import FAKE_BIN, REPO, step_context
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 from tests.support.upstream import require_upstream, validate_helm_values, validate_object
 
 FAST = Timeouts(cluster=3, cni=3, gateway=3, certs=3, locked=3, meshed=3,

@@ -22,7 +22,7 @@ from lab.steps.base import HelmRelease
 from lab.steps.certs import cert_manager_values
 from tests.conftest import step_context
 from tests.fakes.fakelib import read_calls, read_intervals, read_state, write_state
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 
 REPO = Path(__file__).resolve().parent.parent
 URL = "https://charts.example.org/demo"

@@ -45,7 +45,7 @@ def test_parse_flows_skips_noise() -> None:
 
 
 def test_observe_task_streams_from_the_relay(lab_env: LabEnv) -> None:
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     for obj in objects.cni_ready(["lab-control-plane"]):
         if obj["kind"] != "CiliumNode":
             emu.put(obj)
@@ -66,7 +66,7 @@ def test_observe_task_streams_from_the_relay(lab_env: LabEnv) -> None:
 
 
 def test_observe_task_refuses_a_bad_verdict_before_any_call(lab_env: LabEnv) -> None:
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     for obj in objects.cni_ready(["lab-control-plane"]):  # a call, if made, would succeed
         if obj["kind"] != "CiliumNode":
             emu.put(obj)
@@ -80,7 +80,7 @@ def test_observe_task_refuses_a_bad_verdict_before_any_call(lab_env: LabEnv) -> 
 def test_ui_url_is_shown_once_it_listens_and_ctrl_c_ends_it_cleanly(lab_env: LabEnv) -> None:
     """The URL line comes only when the port accepts connections (no retry below), and Ctrl-C,
     the way a port-forward is ended, exits 0 without a traceback or a resume hint."""
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     emu.put(objects.pod("hubble-ui-7d9c", "kube-system", {"k8s-app": "hubble-ui"},
                         "lab-control-plane"))
     forwards: list[tuple[str, str, int]] = []
@@ -113,7 +113,7 @@ def test_ui_url_is_shown_once_it_listens_and_ctrl_c_ends_it_cleanly(lab_env: Lab
 
 
 def test_a_busy_ui_port_shows_no_url_only_what_to_change(lab_env: LabEnv) -> None:
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     emu.put(objects.pod("hubble-ui-7d9c", "kube-system", {"k8s-app": "hubble-ui"},
                         "lab-control-plane"))
     emu.write_kubeconfig(lab_env.kubeconfig, context="kind-lab")

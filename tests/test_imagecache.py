@@ -33,7 +33,7 @@ from tests.conftest import (
     with_fakes,
     write_config,
 )
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -214,7 +214,7 @@ def _machine(root: Path, fake_state: Path, server: Any) -> Iterator[LabEnv]:
         emu.put(ready_node("lab-control-plane"))
         (fake_state / "apiservers.json").write_text(json.dumps({"lab": emu.url}))
         env = LabEnv(root=root, config=write_config(root / "lab.yaml"), fake_state=fake_state,
-                     kubeconfig=root / "kubeconfig", emulators={"lab": emu})
+                     kubeconfig=root / "kubeconfig", fronts={"lab": emu})
         env.run("lab.up", "--to", "cluster")
         yield env
     finally:
@@ -266,7 +266,7 @@ def _second_lab(machine: LabEnv, tmp_path: Path) -> None:
     """A lab of two clusters, two-a and two-b, brought to `cluster` on the same machine. What is
     measured is the machine's cache: their API is the first lab's real server, behind a front
     each (their kubeconfigs differ)."""
-    server = machine.emulators["lab"].upstream  # type: ignore[attr-defined]
+    server = machine.fronts["lab"].upstream  # type: ignore[attr-defined]
     emus = [ApiFront(server).start() for _ in range(2)]
     try:
         for name, emu in zip(("two-a", "two-b"), emus, strict=True):

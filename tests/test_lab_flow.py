@@ -280,7 +280,7 @@ def test_render_of_the_shipped_config_validates(tmp_path: Path) -> None:
     fake = tmp_path / "fake"
     fake.mkdir()
     env = LabEnv(root=tmp_path, config=REPO / "config" / "lab.yaml", fake_state=fake,
-                 kubeconfig=tmp_path / "kubeconfig", emulators={})
+                 kubeconfig=tmp_path / "kubeconfig", fronts={})
     proc = env.run("lab.render", "--config", str(REPO / "config" / "lab.yaml"),
                    "--out", str(out))
     written = [Path(line) for line in proc.stdout.split()]

@@ -69,7 +69,7 @@ from lab.steps.locked import (
 from lab.tasks.apps import onboard as onboard_task
 from lab.tools import Tools
 from tests.conftest import REPO, step_context
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 from tests.support.upstream import require_upstream, validate_object
 
 Obj = dict[str, Any]

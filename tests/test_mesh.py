@@ -178,7 +178,7 @@ def test_lab_up_refuses_a_pool_conflict_before_any_side_effect(tmp_path: Path) -
     fake = tmp_path / "fake"
     fake.mkdir()
     env = LabEnv(root=tmp_path, config=config, fake_state=fake,
-                 kubeconfig=tmp_path / "kubeconfig", emulators={})
+                 kubeconfig=tmp_path / "kubeconfig", fronts={})
     proc = env.run("lab.mesh", check=False, LAB_SKIP_DOCTOR="0")
     assert proc.returncode == 1
     assert "docker network kind" in proc.stdout + proc.stderr
@@ -194,7 +194,7 @@ def test_render_of_the_two_cluster_config_validates(tmp_path: Path) -> None:
     fake = tmp_path / "fake"
     fake.mkdir()
     env = LabEnv(root=tmp_path, config=REPO / "config" / "mesh.yaml", fake_state=fake,
-                 kubeconfig=tmp_path / "kubeconfig", emulators={})
+                 kubeconfig=tmp_path / "kubeconfig", fronts={})
     out = tmp_path / "render"
     env.run("lab.render", "--config", str(REPO / "config" / "mesh.yaml"), "--out", str(out))
     assert not (fake / "calls.jsonl").exists()

@@ -41,7 +41,7 @@ def test_up_to_cluster_creates_records_and_exports_kubeconfig(lab_env: LabEnv) -
 
 def test_second_up_on_converged_lab_creates_nothing(lab_env: LabEnv) -> None:
     lab_env.run("lab.up", "--to", "cluster")
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     emu.clear_requests()
     before = len(lab_env.calls("kind", "create"))
     lab_env.run("lab.up", "--to", "cluster")
@@ -110,7 +110,7 @@ def test_concurrent_up_is_refused_naming_the_holder(lab_env: LabEnv) -> None:
     assert "locked by pid" in proc.stderr and "lab.up (test holder)" in proc.stderr
     # Only read-only preflight queries ran (tool versions); nothing touched a cluster.
     assert {argv[0] for argv in lab_env.calls()} <= {"version"}
-    assert lab_env.emulators["lab"].requests == []
+    assert lab_env.fronts["lab"].requests == []
 
 
 def test_down_is_refused_while_another_task_holds_the_cluster(lab_env: LabEnv) -> None:
@@ -186,7 +186,7 @@ def test_down_deletes_cluster_and_record(lab_env: LabEnv) -> None:
 
 
 def test_existing_cluster_that_does_not_match_is_refused(lab_env: LabEnv) -> None:
-    emu = lab_env.emulators["lab"]
+    emu = lab_env.fronts["lab"]
     emu.put(daemonset("kube-proxy", 1))
     import subprocess
 

@@ -27,7 +27,7 @@ from lab.steps.locked import LockedStep, locked_policies
 from lab.tasks.checks import verify as verify_task
 from tests import test_locked
 from tests.conftest import write_config
-from tests.support.emulator import ApiFront
+from tests.support.apifront import ApiFront
 from tests.test_locked import FakeCluster, _namespace, make_ctx
 
 emu = test_locked.emu

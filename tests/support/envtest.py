@@ -5,7 +5,7 @@ finds (``KUBEBUILDER_ASSETS``, default ``../shared/envtest/k8s/1.33.13-linux-amd
 temp dirs,
 a bearer token in the ``system:masters`` group, the certificate kube-apiserver generates and
 serves used as the CA of a kubeconfig. No kubelet, scheduler or controller-manager: pods never
-run on their own, and exec/port-forward have no node to reach (``tests.support.emulator.ApiFront``
+run on their own, and exec/port-forward have no node to reach (``tests.support.apifront.ApiFront``
 serves those in front of this server).
 
 ``RealApi`` is a small REST client for the tests and the controller simulator, with the same

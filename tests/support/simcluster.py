@@ -1,6 +1,7 @@
-"""A controller simulator: what runs inside a kind cluster, attached to one API emulator.
+"""A controller simulator: what runs inside a kind cluster, on one real API server.
 
-``SimCluster`` plays, for one kind cluster served by a ``KubeEmulator``, the parts of a real
+``SimCluster`` plays, for one kind cluster served by a real ``kube-apiserver`` (envtest, reached
+through an ``ApiFront``), the parts of a real
 cluster the lab's readiness gates look at, by *reacting to what was written*:
 
 * **kubelet + kind** — when the fake ``kind create`` records the cluster (``kind.json`` in
@@ -17,8 +18,7 @@ cluster the lab's readiness gates look at, by *reacting to what was written*:
   ``cilium-ca`` Secret, the GatewayClass (only when its CRD exists, as the chart's capability check
   does); cert-manager's Deployments and, with ``crds.enabled``, its CRDs.
 * **controllers** — DaemonSet/Deployment controllers (rollouts, observedGeneration, Available),
-  the API server's Service allocation (clusterIP, random nodePorts, nodePorts kept by port name
-  on update, duplicates refused), Cilium's operator (CRDs at start-up, the Gateway controller only
+  Cilium's operator (CRDs at start-up, the Gateway controller only
   if the Gateway API CRDs existed when it started, GatewayClass Accepted, LB IPAM from the
   ``CiliumLoadBalancerIPPool``, the ``cilium-gateway-<name>`` Service, Gateway/listener/HTTPRoute
   status, policy ``Valid`` conditions), Cilium agents (ready only with ``k8sServiceHost`` and the
@@ -82,7 +82,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.conftest import REPO, LabEnv, load_upstream_crds, upstream_dir
-from tests.support.emulator import ApiError, ApiFront, KubeEmulator, ResourceType
+from tests.support.apifront import ApiError, ApiFront
 
 Obj = dict[str, Any]
 
@@ -420,105 +420,6 @@ class PolicyModel:
             sorted({str(meta(p).get("name")) for p in enforced})) + ")"
 
 
-# ================================================================================================
-# the API server's own work the emulator leaves out
-# ================================================================================================
-
-class SimApiServer(KubeEmulator):
-    """``KubeEmulator`` plus what kube-apiserver does that the lab relies on: Service clusterIP
-    and nodePort allocation (random free nodePorts; nodePorts kept by port name when an update
-    leaves them out, as ``patchAllocatedValues`` does; out-of-range and already-allocated nodePorts
-    refused with 422), and a hook for validating admission webhooks."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.service_cidr = "10.96.0.0/16"
-        self.admission: Callable[[str, str], ApiError | None] | None = None
-        self._rng = random.Random()
-        super().__init__(**kwargs)
-
-    def _server_defaults(self, rt: ResourceType, obj: Obj) -> None:
-        super()._server_defaults(rt, obj)
-        if rt.storage_key == ("", "services"):
-            self._allocate(obj)
-
-    def _allocate(self, svc: Obj) -> None:
-        m = svc["metadata"]
-        spec = svc.setdefault("spec", {})
-        old = self._objects.get(("", "services", m.get("namespace") or "", m["name"]))
-        old_spec = (old or {}).get("spec") or {}
-        stype = spec.setdefault("type", "ClusterIP")
-        used_ips = {str((o.get("spec") or {}).get("clusterIP")) for k, o in self._objects.items()
-                    if k[:2] == ("", "services") and o is not old}
-        if stype != "ExternalName" and not spec.get("clusterIP"):
-            spec["clusterIP"] = old_spec.get("clusterIP") or self._free_ip(used_ips)
-        if spec.get("clusterIP") and spec["clusterIP"] != "None":
-            spec["clusterIPs"] = [spec["clusterIP"]]
-        for p in spec.get("ports") or []:
-            p.setdefault("protocol", "TCP")
-            p.setdefault("targetPort", p.get("port"))
-        if stype not in ("NodePort", "LoadBalancer"):
-            for p in spec.get("ports") or []:
-                p.pop("nodePort", None)
-            return
-        by_name = {p.get("name", ""): p.get("nodePort") for p in old_spec.get("ports") or []}
-        used_here = {p.get("nodePort") for p in spec.get("ports") or [] if p.get("nodePort")}
-        for p in spec.get("ports") or []:
-            if not p.get("nodePort") and by_name.get(p.get("name", "")) \
-                    and by_name[p.get("name", "")] not in used_here:
-                p["nodePort"] = by_name[p.get("name", "")]
-                used_here.add(p["nodePort"])
-        taken = {int(p["nodePort"]): f"{k[2]}/{k[3]}" for k, o in self._objects.items()
-                 if k[:2] == ("", "services") and o is not old
-                 for p in (o.get("spec") or {}).get("ports") or [] if p.get("nodePort")}
-        seen: set[int] = set()
-        for i, p in enumerate(spec.get("ports") or []):
-            if p.get("nodePort"):
-                n = int(p["nodePort"])
-                where = f"spec.ports[{i}].nodePort"
-                if not NODEPORT_RANGE[0] <= n <= NODEPORT_RANGE[1]:
-                    raise self._invalid_svc(m["name"], f"{where}: Invalid value: {n}: provided "
-                                            "port is not in the valid range. The range of valid "
-                                            "ports is 30000-32767")
-                if n in taken or n in seen:
-                    raise self._invalid_svc(m["name"], f"{where}: Invalid value: {n}: provided "
-                                            "port is already allocated")
-                seen.add(n)
-        for p in spec.get("ports") or []:
-            if not p.get("nodePort"):
-                while True:
-                    n = self._rng.randint(*NODEPORT_RANGE)
-                    if n not in taken and n not in seen:
-                        break
-                p["nodePort"] = n
-                seen.add(n)
-
-    def _free_ip(self, used: set[str]) -> str:
-        net = ipaddress.ip_network(self.service_cidr)
-        for offset in itertools.count(20):
-            ip = str(net.network_address + offset)
-            if ip not in used:
-                return ip
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    def _invalid_svc(name: str, message: str) -> ApiError:
-        return ApiError(422, "Invalid", f'Service "{name}" is invalid: {message}',
-                        {"name": name, "kind": "Service"})
-
-    def _serve(self, method: str, path: str, query: dict[str, str], content_type: str,
-               raw: bytes) -> Any:
-        hook = self.admission
-        if hook is not None and method in ("POST", "PUT", "PATCH"):
-            refused = hook(method, path)
-            if refused is not None:
-                raise refused
-        return super()._serve(method, path, query, content_type, raw)
-
-
-# ================================================================================================
-# the cluster
-# ================================================================================================
-
 @dataclass
 class Flow:
     when: float
@@ -549,19 +450,18 @@ class SimCluster:
     """Controllers, kubelets, agents and the host port of one kind cluster (module docstring)."""
 
     def __init__(self, name: str, fake_state: Path, *, mesh: Mesh | None = None,
-                 emulator: SimApiServer | ApiFront | None = None,
-                 own_emulator: bool | None = None) -> None:
+                 emulator: ApiFront, own_emulator: bool = True) -> None:
         self.name = name
         self.fake_state = Path(fake_state)
         self.mesh = mesh if mesh is not None else Mesh()
         self.mesh.clusters[name] = self
-        self._own_emulator = emulator is None if own_emulator is None else own_emulator
-        self.emu: SimApiServer | ApiFront = emulator or SimApiServer()
+        self._own_emulator = own_emulator
+        self.emu: ApiFront = emulator
         self.emu.start()
         self.emu.admission = self._admission
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._wake: threading.Event | None = None
+        self._wake = threading.Event()
         self._rng = random.Random(f"sim-{name}")
         self._kind: Obj | None = None  # the kind.json record this cluster was registered from
         self._dirty_releases: set[str] = set()
@@ -583,14 +483,11 @@ class SimCluster:
         self._watcher = threading.Thread(target=self._watch_kind, daemon=True,
                                          name=f"sim-{name}-kind")
         self._watcher.start()
-        # In front of a real API server the controllers run in their own thread, one pass per
-        # burst of writes (a work queue), as real controllers do; the emulator runs them inside
-        # the write instead.
-        if isinstance(self.emu, ApiFront):
-            self._wake = threading.Event()
-            self._worker = threading.Thread(target=self._controllers, daemon=True,
-                                            name=f"sim-{name}-controllers")
-            self._worker.start()
+        # The controllers run in their own thread, one pass per burst of writes (a work queue),
+        # as real controllers do.
+        self._worker = threading.Thread(target=self._controllers, daemon=True,
+                                        name=f"sim-{name}-controllers")
+        self._worker.start()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -599,7 +496,6 @@ class SimCluster:
         return self.front.port
 
     def _controllers(self) -> None:
-        assert self._wake is not None
         while not self._stop.is_set():
             if not self._wake.wait(0.2):
                 continue
@@ -614,8 +510,7 @@ class SimCluster:
     def close(self) -> None:
         self._stop.set()
         self._watcher.join(timeout=5)
-        if self._wake is not None:
-            self._worker.join(timeout=10)
+        self._worker.join(timeout=10)
         self.front.close()
         self.emu.admission = None
         if self._own_emulator:
@@ -679,7 +574,6 @@ class SimCluster:
         net = cfg.get("networking") or {}
         pod_cidr = ipaddress.ip_network(net.get("podSubnet") or "10.244.0.0/16")
         svc_cidr = ipaddress.ip_network(net.get("serviceSubnet") or "10.96.0.0/16")
-        self.emu.service_cidr = str(svc_cidr)
         subnets = list(pod_cidr.subnets(new_prefix=24))
         workers = any(n["role"] == "worker" for n in self.kind_nodes())
         for i, node in enumerate(self.kind_nodes()):
@@ -942,8 +836,7 @@ class SimCluster:
         cache = getattr(self._tl, "cache", None)
         if cache is not None:
             cache.clear()
-        if isinstance(self.emu, ApiFront):
-            self.emu.forget_reads()
+        self.emu.forget_reads()
 
     def _put(self, obj: Obj) -> Obj:
         self._dirty()
@@ -1015,10 +908,7 @@ class SimCluster:
                     self._dirty_releases.add(release)
                 if kind in ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy"):
                     self._policy_revision += 1
-                if self._wake is not None:
-                    self._wake.set()  # a real server: the controllers catch up on their own
-                    return
-                self.reconcile()
+                self._wake.set()  # the controllers catch up on their own
         except Exception as exc:
             self.errors.append(exc)
             raise
@@ -1425,32 +1315,10 @@ class SimCluster:
             svc_name = f"cilium-gateway-{name}"
             ports = sorted({int(lst["port"]) for lst in listeners})
             current = self.emu.get("v1", "Service", svc_name, ns)
-            desired_ports = [{"name": f"port-{p}", "port": p, "protocol": "TCP",
-                              "targetPort": p} for p in ports]
-            have_ports = [{k: v for k, v in p.items() if k != "nodePort"}
-                          for p in (current or {}).get("spec", {}).get("ports") or []]
-            if isinstance(self.emu, ApiFront):
-                if self._ensure_gateway_service(current, name, ns, gm["uid"], ports):
-                    self._lb_ipam()
-                    changed = True
-                current = self.emu.get("v1", "Service", svc_name, ns)
-            elif current is None or have_ports != desired_ports or \
-                    current["spec"].get("type") != "LoadBalancer":
-                # Cilium's desired Service carries no nodePort: the API server keeps them by name
-                svc = {"apiVersion": "v1", "kind": "Service",
-                       "metadata": {"name": svc_name, "namespace": ns,
-                                    "labels": {"io.cilium.gateway/owning-gateway": name,
-                                               "gateway.networking.k8s.io/gateway-name": name},
-                                    "ownerReferences": [{"apiVersion": GATEWAY_API,
-                                                         "kind": "Gateway", "name": name,
-                                                         "uid": gm["uid"], "controller": True}]},
-                       "spec": {"type": "LoadBalancer", "ports": desired_ports,
-                                "clusterIP": (current or {}).get("spec", {}).get("clusterIP")},
-                       "status": (current or {}).get("status") or {}}
-                self._put(svc)
+            if self._ensure_gateway_service(current, name, ns, gm["uid"], ports):
                 self._lb_ipam()
-                current = self.emu.get("v1", "Service", svc_name, ns)
                 changed = True
+            current = self.emu.get("v1", "Service", svc_name, ns)
             ips = [i.get("ip") for i in dig(current, "status.loadBalancer.ingress", []) or []]
             programmed = bool(ips)
             attached: dict[str, int] = {}
@@ -2608,7 +2476,7 @@ def make_lab(root: Path, servers: Sequence[Any], base: str = "config/lab.yaml",
     for p in (upstream_dir() / "gateway-api-1.4.0" / "standard").glob("*.yaml"):
         (cache / p.name).write_bytes(p.read_bytes())
     env = LabEnv(root=root, config=config, fake_state=fake_state,
-                 kubeconfig=root / "kubeconfig", emulators={n: s.emu for n, s in sims.items()})
+                 kubeconfig=root / "kubeconfig", fronts={n: s.emu for n, s in sims.items()})
     # the simulated controllers catch up asynchronously through a real server: a gate may need a
     # few passes of theirs on a loaded machine
     env.overrides["LAB_GATE_TIMEOUT"] = "30"
