@@ -318,9 +318,17 @@ class ApiFront:
             if outer is None:
                 self._reads.cache = None
 
-    def forget_reads(self) -> None:
-        if getattr(self._reads, "cache", None) is not None:
-            self._reads.cache = {}
+    def forget_reads(self, api_version: str | None = None, kind: str | None = None) -> None:
+        """Drop what this thread read of ``kind`` (everything when None): a write changes only
+        objects of its own kind on a bare API server, where no controller runs."""
+        cache = getattr(self._reads, "cache", None)
+        if cache is None:
+            return
+        if kind is None:
+            cache.clear()
+        else:
+            for key in [k for k in cache if k[1:3] == (api_version, kind)]:
+                del cache[key]
 
     def _cached(self, key: tuple[Any, ...], read: Callable[[], Any]) -> Any:
         cache = getattr(self._reads, "cache", None)
@@ -331,7 +339,7 @@ class ApiFront:
         return copy.deepcopy(cache[key])
 
     def put(self, obj: JSON) -> JSON:
-        self.forget_reads()
+        self.forget_reads(obj.get("apiVersion"), obj.get("kind"))
         result: JSON = self.upstream.put(obj)
         return result
 
@@ -351,12 +359,12 @@ class ApiFront:
 
     def delete(self, api_version: str, kind: str, name: str,
                namespace: str | None = None) -> bool:
-        self.forget_reads()
+        self.forget_reads(api_version, kind)
         return bool(self.upstream.delete(api_version, kind, name, namespace))
 
     def patch_status(self, api_version: str, kind: str, name: str, namespace: str | None,
                      status: JSON) -> JSON:
-        self.forget_reads()
+        self.forget_reads(api_version, kind)
         result: JSON = self.upstream.patch_status(api_version, kind, name, namespace, status)
         return result
 

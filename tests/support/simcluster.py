@@ -819,36 +819,42 @@ class SimCluster:
 
     # -- read/write plumbing -----------------------------------------------------------------------
     #
-    # Inside a reconcile pass, lists are snapshots taken once and dropped on every write the
-    # simulator makes (the emulator deep-copies on every read); handlers in other threads (execs,
-    # the host port) always read live.
+    # Inside a reconcile pass, lists are snapshots taken once a kind, across namespaces, and
+    # dropped when the simulator writes that kind; handlers in other threads (execs, the host
+    # port) always read live.
 
     def _list(self, api: str, kind: str, namespace: str | None = None) -> list[Obj]:
         cache = getattr(self._tl, "cache", None)
         if cache is None:
             return self.emu.list(api, kind, namespace)
-        key = (api, kind, namespace)
-        if key not in cache:
-            cache[key] = self.emu.list(api, kind, namespace)
-        return list(cache[key])
+        key = (api, kind)
+        if key not in cache:  # every namespace at once: one request a kind and pass
+            cache[key] = self.emu.list(api, kind)
+        return [o for o in cache[key]
+                if namespace is None or o["metadata"].get("namespace") == namespace]
 
-    def _dirty(self) -> None:
+    def _dirty(self, api: str | None = None, kind: str | None = None) -> None:
+        """Forget what this pass read of ``kind`` (everything when None): on a bare API server
+        a write changes nothing of other kinds."""
         cache = getattr(self._tl, "cache", None)
         if cache is not None:
-            cache.clear()
-        self.emu.forget_reads()
+            if kind is None:
+                cache.clear()
+            else:
+                cache.pop((api, kind), None)
+        self.emu.forget_reads(api, kind)
 
     def _put(self, obj: Obj) -> Obj:
-        self._dirty()
+        self._dirty(obj.get("apiVersion"), obj.get("kind"))
         return self.emu.put(obj)
 
     def _delete(self, api: str, kind: str, name: str, namespace: str | None = None) -> bool:
-        self._dirty()
+        self._dirty(api, kind)
         return self.emu.delete(api, kind, name, namespace)
 
     def _patch_status(self, api: str, kind: str, name: str, namespace: str | None,
                       status: Obj) -> Obj:
-        self._dirty()
+        self._dirty(api, kind)
         return self.emu.patch_status(api, kind, name, namespace, status)
 
     def _load_crds(self, folder: str) -> None:
@@ -1400,7 +1406,7 @@ class SimCluster:
                 "ports": [{"name": f"port-{p}", "port": p, "protocol": "TCP", "targetPort": 0}
                           for p in ports]}
         name = f"cilium-gateway-{gateway}"
-        self._dirty()
+        self._dirty("v1", "Service")
         if current is None:
             self.emu.upstream.create({"apiVersion": "v1", "kind": "Service",
                                       "metadata": {"name": name, "namespace": ns,
