@@ -14,7 +14,7 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Unit and offline integration tests (API emulator + fake kind/helm/docker); no Docker."""
+    """Unit and offline integration tests (real API servers + fake kind/helm/docker); no Docker."""
     session.install("-e", ".[test]")
     session.run("pytest", "-n", "auto", *session.posargs)
 
@@ -78,6 +78,6 @@ def _docker_unreachable() -> str:
 
 @nox.session(default=False)
 def bench(session: nox.Session) -> None:
-    """Print wall-time figures: `invoke --list`, a converged `lab.up --resume` (emulator)."""
+    """Print wall-time figures: `invoke --list`, a converged `lab.up --resume` (real API server)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "tests.bench", *session.posargs)
