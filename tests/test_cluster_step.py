@@ -1,4 +1,4 @@
-"""The `cluster` step against the fake kind/docker (tests/fakes) and the API emulator.
+"""The `cluster` step against the fake kind/docker (tests/fakes) and a real API server.
 
 Expectations come from kind v0.29.0's behaviour as the fake models it (network override, the
 kubeconfig lock taken only for the final export, `node(s) already exist`) and from the config.

@@ -161,7 +161,7 @@ def test_parallel_clusters_filling_the_crd_cache_never_share_a_temp_file(
 # -- the gate -----------------------------------------------------------------------------------
 
 @pytest.fixture
-def cni_emulator(tmp_path: Path, kube_api: ApiFront) -> tuple[ApiFront, StepContext]:
+def cni_cluster(tmp_path: Path, kube_api: ApiFront) -> tuple[ApiFront, StepContext]:
     """kube-system of a healthy Cilium + Hubble install on a real API server."""
     emu = kube_api
     for obj in objects.cni_ready(["lab-control-plane"]):
@@ -174,8 +174,8 @@ def cni_emulator(tmp_path: Path, kube_api: ApiFront) -> tuple[ApiFront, StepCont
 
 
 def test_gate_holds_when_everything_is_ready(
-        cni_emulator: tuple[ApiFront, StepContext]) -> None:
-    _, ctx = cni_emulator
+        cni_cluster: tuple[ApiFront, StepContext]) -> None:
+    _, ctx = cni_cluster
     verdict = CniStep().ready(ctx)
     assert verdict.ready, verdict.explain()
     assert [c.name for c in verdict.checks] == [
@@ -231,9 +231,9 @@ GATE_CASES = {
 
 
 @pytest.mark.parametrize(("case", "check"), GATE_CASES.items(), ids=list(GATE_CASES))
-def test_each_failing_condition_is_named(cni_emulator: tuple[ApiFront, StepContext],
+def test_each_failing_condition_is_named(cni_cluster: tuple[ApiFront, StepContext],
                                          case: str, check: str) -> None:
-    emu, ctx = cni_emulator
+    emu, ctx = cni_cluster
     _break(emu, case)
     verdict = CniStep().ready(ctx)
     assert not verdict.ready
@@ -241,10 +241,10 @@ def test_each_failing_condition_is_named(cni_emulator: tuple[ApiFront, StepConte
 
 
 def test_gate_timeout_names_the_failing_conditions(
-        cni_emulator: tuple[ApiFront, StepContext]) -> None:
+        cni_cluster: tuple[ApiFront, StepContext]) -> None:
     from lab.errors import GateTimeout
 
-    emu, ctx = cni_emulator
+    emu, ctx = cni_cluster
     _break(emu, "operator unavailable")
     with pytest.raises(GateTimeout) as err:
         ctx.wait_for(lambda: CniStep().ready(ctx), 0.5, "the cni gate")
@@ -252,11 +252,11 @@ def test_gate_timeout_names_the_failing_conditions(
     assert "lab.up --resume" in err.value.hint
 
 
-# -- the whole step through the real tasks, fake helm, emulator ---------------------------------
+# -- the whole step through the real tasks, fake helm, a real API server ------------------------
 
 @pytest.fixture
 def lab_env(lab_env: LabEnv) -> Iterator[LabEnv]:
-    """conftest's lab, and afterwards: no hook of this module failed inside the emulator."""
+    """conftest's lab, and afterwards: no hook of this module failed inside the API front."""
     yield lab_env
     for emu in lab_env.fronts.values():
         assert emu.callback_errors == []

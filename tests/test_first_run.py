@@ -418,7 +418,7 @@ def test_an_empty_config_names_only_what_has_no_default(lab_env: LabEnv) -> None
 
 class Recorder:
     """What a real run did, in order: the fakes' calls (calls.jsonl, with their start times) and
-    the lab's writes to each emulator (stamped as they arrive)."""
+    the lab's writes to each API front (stamped as they arrive)."""
 
     TOOL_ACTIONS = (("kind", "create"), ("kind", "delete"), ("helm", "upgrade"),
                     ("helm", "install"), ("helm", "uninstall"), ("helm", "rollback"),

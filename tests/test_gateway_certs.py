@@ -1,10 +1,10 @@
 """Steps `gateway` and `certs`, `lab.trust`: rendering, pool derivation, gates, HTTPS from the host.
 
-Offline: the API emulator plays the cluster, small in-test controllers play Cilium (Gateway status,
-the generated LoadBalancer Service, which keeps allocated nodePorts by port name as the API server
-does), cert-manager (Certificates issued from a CA made here with `cryptography`) and the kubelet
-(Deployments available); the fake docker/helm from tests/fakes/bin play the host tools, and a
-local TLS server on 127.0.0.1 plays the Gateway's HTTPS NodePort.
+Offline: a real API server holds the cluster's objects, small in-test controllers play Cilium
+(Gateway status, the generated LoadBalancer Service, whose allocated nodePorts the server keeps by
+port name), cert-manager (Certificates issued from a CA made here with `cryptography`) and the
+kubelet (Deployments available); the fake docker/helm from tests/fakes/bin play the host tools,
+and a local TLS server on 127.0.0.1 plays the Gateway's HTTPS NodePort.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The single-cluster lab end to end: `invoke lab.*` subprocesses against simulated clusters.
 
-The product runs unchanged: `invoke lab.up` drives the fake kind/helm/docker and talks HTTP to the
-API emulator, where ``tests.support.simcluster.SimCluster`` plays the cluster's controllers, the
-Cilium agents, cert-manager, the kubelets and the host's port mapping (a real TLS server). So
+The product runs unchanged: `invoke lab.up` drives the fake kind/helm/docker and talks to a real
+API server (through its ``ApiFront``), where ``tests.support.simcluster.SimCluster`` plays the
+cluster's controllers, the Cilium agents, cert-manager, the kubelets and the host's port mapping
+(a real TLS server). So
 every gate holds only because what the product wrote made it hold: the NodePort patch, the CA
 chain and the gateway certificate, the policies the live probes run into.
 """

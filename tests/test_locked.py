@@ -3,8 +3,9 @@
 Offline: the rendered policies validate against the pinned Cilium 1.18.4 CRDs (unknown fields are
 errors). What they allow and deny is judged by Cilium's own engine in tests/test_policy_oracle.py.
 Onboarding output for several application shapes validates the same way; bad input is refused
-before anything reaches the API (the API emulator records every write). The gate runs against the
-emulator with scripted agents, probe pods and a Hubble that keeps the flows each attempt makes.
+before anything reaches the API (the API front records every write). The gate runs against a
+real API server with scripted agents, probe pods and a Hubble that keeps the flows each attempt
+makes.
 
 The same matrix is tried for real, flow by flow, in tests/e2e/test_30_policy_matrix.py.
 """
@@ -226,7 +227,7 @@ def test_every_problem_is_listed_at_once() -> None:
     assert len(err.value.problems) >= 4
 
 
-# -- onboarding against the API emulator -----------------------------------------------------------
+# -- onboarding against a real API server ----------------------------------------------------------
 
 def _crd_docs(*files: Path) -> list[Obj]:
     return [d for f in files for d in yamlio.load_all(f.read_text())

@@ -1,7 +1,7 @@
 """Cluster Mesh (issue 6): allocation for 2…8 clusters, rendering, and the mesh end to end.
 
 Allocation and rendering are pure. The end-to-end tests run the real `invoke lab.*` tasks against
-one API emulator per cluster, each with a ``tests.support.simcluster.SimCluster``: the agents'
+one real API server per cluster, each with a ``tests.support.simcluster.SimCluster``: the agents'
 mesh status follows the Cilium values actually installed (peer address from the chart's
 ``hostAliases``, the peer's clustermesh NodePort on its node IP from the fake Docker, the shared
 CA, cluster names and ids) and the global service answers from the pods of every cluster the

@@ -1,4 +1,5 @@
-"""The spine end to end: real `invoke lab.*` subprocesses, fake kind/docker on PATH, API emulator.
+"""The spine end to end: real `invoke lab.*` subprocesses, fake kind/docker on PATH, a real API
+server.
 
 Crash and resume, idempotency, drift, the lock, dry-run and refusal before side effects.
 """

@@ -1,4 +1,4 @@
-"""`lab.verify` against the API emulator with scripted agents, probe pods and Hubble.
+"""`lab.verify` against a real API server with scripted agents, probe pods and Hubble.
 
 The cluster is test_locked.py's ``FakeCluster`` (Hubble keeps a flow per attempt, answered only
 `--since` the attempt began), extended so chosen targets connect. The gates before `locked` are

@@ -8,9 +8,9 @@ serves used as the CA of a kubeconfig. No kubelet, scheduler or controller-manag
 run on their own, and exec/port-forward have no node to reach (``tests.support.apifront.ApiFront``
 serves those in front of this server).
 
-``RealApi`` is a small REST client for the tests and the controller simulator, with the same
-convenience calls as the emulator (``get``, ``list``, ``put``, ``delete``, ``patch_status``,
-``resource_type``), every one a real request the server validates.
+``RealApi`` is a small REST client for the tests and the controller simulator (``get``, ``list``,
+``put``, ``delete``, ``patch_status``, ``resource_type``), every call a real request the server
+validates. ``ServerPool`` lends clean servers, reset in etcd between tests (``reset``).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class RealApi:
             raise KeyError(f"{kind} in {api_version} is not served (missing CRD?)")
         return found
 
-    # -- the emulator's convenience calls, as real requests ------------------------------------
+    # -- convenience calls, as real requests ---------------------------------------------------
 
     def get(self, api_version: str, kind: str, name: str,
             namespace: str | None = None) -> Obj | None:

@@ -1,6 +1,6 @@
 """What a healthy cluster's objects look like after each step, in the API's real shapes.
 
-Used to seed the API emulator (directly, or as the fake helm's chart contents) so gates can be
+Used to seed a real API server (directly, or as the fake helm's chart contents) so gates can be
 tested condition by condition.
 """
 

@@ -41,12 +41,12 @@ cluster the lab's readiness gates look at, by *reacting to what was written*:
 
 Execs answered (``cilium-dbg status|policy get|endpoint list -o json``, ``hubble status|observe``,
 ``/agnhost connect``, ``nslookup``, ``curl``) read the live objects. Not modelled: image pulls,
-restarts and crash loops, probes' timing (everything converges synchronously inside the write
-that caused it), L7 policy (DNS rules allow the L4 traffic), FQDN and Service-based policy peers,
-the host firewall, real TLS between clusters (the shared CA is compared), watch-driven lag.
+restarts and crash loops, probes' timing (the controllers converge in passes right after the
+writes that caused them), L7 policy (DNS rules allow the L4 traffic), FQDN and Service-based
+policy peers, the host firewall, real TLS between clusters (the shared CA is compared).
 
-Relies on the emulator's schema-aware server-side apply: the `gateway` and `certs` steps each own
-one listener of the same Gateway (``x-kubernetes-list-type: map``). Faults for one cluster only go
+The real API server does the server-side apply: the `gateway` and `certs` steps each own one
+listener of the same Gateway (``x-kubernetes-list-type: map``). Faults for one cluster only go
 through that cluster's ``emu.fail_next``: fakelib's injection keys name a tool and subcommand, not
 a cluster. ``make_lab``/``sim_lab`` build a ``LabEnv`` with one simulator per cluster of a shipped
 config; call ``check()`` at the end to surface errors raised inside controllers or handlers.
