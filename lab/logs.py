@@ -12,9 +12,19 @@ import os
 import sys
 from typing import Any, TextIO
 
-import structlog
+# structlog's dev module imports rich, when installed, only to offer rich tracebacks: ~0.1 s of
+# every task's start. The console renderer here prints plain tracebacks, so rich stays out of
+# that import (lab.ui imports it for the live view, where it is wanted).
+_HIDE_RICH = "rich" not in sys.modules
+if _HIDE_RICH:
+    sys.modules["rich"] = None  # type: ignore[assignment]  # `import rich` raises ImportError
+try:
+    import structlog
+finally:
+    if _HIDE_RICH:
+        del sys.modules["rich"]
 
-from lab.errors import LabError
+from lab.errors import LabError  # noqa: E402
 
 Logger = Any  # structlog's BoundLogger is a lazy proxy; typed loosely on purpose
 
@@ -83,7 +93,8 @@ def configure(log_format: str | None = None, level: str | None = None,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (structlog.processors.JSONRenderer(ensure_ascii=False) if use_json else
-                     structlog.dev.ConsoleRenderer(colors=_colors(out)))
+                     structlog.dev.ConsoleRenderer(
+                         colors=_colors(out), exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         logger_factory=structlog.stdlib.LoggerFactory(),

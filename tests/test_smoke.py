@@ -87,3 +87,23 @@ def test_lifecycle_tasks_take_log_level_and_verbose(task: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "invoke", "--help", task], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=True)
     assert "--log-level=STRING" in proc.stdout and "-v, --verbose" in proc.stdout, proc.stdout
+
+
+def test_logging_leaves_rich_out_yet_the_console_prints_a_traceback() -> None:
+    """structlog would import rich (~0.1 s of every task's start) for tracebacks we print plain;
+    rich itself still imports afterwards for the live view."""
+    code = ("import sys, io\n"
+            "from lab import logs\n"
+            "print('rich' in sys.modules)\n"
+            "out = io.StringIO()\n"
+            "logs.configure('console', 'info', stream=out)\n"
+            "try:\n"
+            "    1 / 0\n"
+            "except ZeroDivisionError:\n"
+            "    logs.get('t').exception('boom')\n"
+            "print('ZeroDivisionError' in out.getvalue())\n"
+            "import rich.console\n"
+            "print('rich' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert proc.stdout.split() == ["False", "True", "True"], proc.stderr
