@@ -247,17 +247,27 @@ def ready_node(name: str) -> dict[str, Any]:
                                                   "cni plugin not initialized"}]}}
 
 
+def _lab_env(tmp_path: Path, front: ApiFront) -> LabEnv:
+    fake_state = tmp_path / "fake"
+    fake_state.mkdir()
+    front.put(ready_node("lab-control-plane"))
+    (fake_state / "apiservers.json").write_text(json.dumps({"lab": front.url}))
+    return LabEnv(root=tmp_path, config=write_config(tmp_path / "lab.yaml"),
+                  fake_state=fake_state, kubeconfig=tmp_path / "kubeconfig",
+                  fronts={"lab": front})
+
+
 @pytest.fixture
 def lab_env(tmp_path: Path, kube_api: Any) -> LabEnv:
     """The shipped single-cluster lab against a clean real API server (the pinned CRDs and nothing
     else) behind an ``ApiFront``; its node registered, not Ready (no CNI yet)."""
-    fake_state = tmp_path / "fake"
-    fake_state.mkdir()
-    kube_api.put(ready_node("lab-control-plane"))
-    (fake_state / "apiservers.json").write_text(json.dumps({"lab": kube_api.url}))
-    return LabEnv(root=tmp_path, config=write_config(tmp_path / "lab.yaml"),
-                  fake_state=fake_state, kubeconfig=tmp_path / "kubeconfig",
-                  fronts={"lab": kube_api})
+    return _lab_env(tmp_path, kube_api)
+
+
+@pytest.fixture
+def bare_lab_env(tmp_path: Path, bare_kube_api: Any) -> LabEnv:
+    """``lab_env`` on a server without any CRD, as kind leaves a new cluster."""
+    return _lab_env(tmp_path, bare_kube_api)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -19,7 +19,7 @@ from lab.state import Record, StateStore
 from lab.steps.base import StepContext, Timeouts
 from lab.steps.cni import CniStep, cilium_values, gateway_api_crds
 from lab.tools import Tools
-from tests.conftest import REPO, LabEnv, write_config
+from tests.conftest import REPO, LabEnv, load_upstream_crds, write_config
 from tests.support import objects
 from tests.support.apifront import ApiFront
 from tests.support.upstream import require_upstream, validate_helm_values
@@ -285,14 +285,24 @@ def _gateway_api_crd_names() -> set[str]:
             if d and d.get("kind") == "CustomResourceDefinition"}
 
 
-def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(lab_env: LabEnv) -> None:
+def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(bare_lab_env: LabEnv) -> None:
+    """On a server without the Gateway API CRDs, as kind leaves it: the step creates them and
+    moves on once the real server has Established them."""
+    lab_env = bare_lab_env
     _seed_cni(lab_env)
-    lab_env.run("lab.up", "--to", "cni")
     emu = lab_env.fronts["lab"]
     crds = _gateway_api_crd_names()
     assert len(crds) == 6
     for name in sorted(crds):
-        assert emu.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name), name
+        assert emu.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name) is None
+    # Cilium's operator installs its own CRDs; the chart's objects below need them
+    load_upstream_crds(emu, "cilium-1.18.4/crds")
+    lab_env.run("lab.up", "--to", "cni")
+    for name in sorted(crds):
+        crd = emu.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", name)
+        assert crd is not None, name
+        assert {"type": "Established", "status": "True"}.items() <= next(
+            c for c in crd["status"]["conditions"] if c["type"] == "Established").items()
     # the CRDs went in through the API before helm applied the chart's objects
     writes = [r for r in emu.requests if r.method in ("POST", "PUT", "PATCH")]
     crd_writes = [i for i, r in enumerate(writes)
