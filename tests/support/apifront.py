@@ -622,6 +622,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "api-front"
     sys_version = ""
     server: _Server
+    _upstream_conn: http.client.HTTPSConnection | None = None  # kept alive per connection
 
     def setup(self) -> None:
         super().setup()
@@ -780,7 +781,7 @@ class _Handler(BaseHTTPRequestHandler):
         up = front.upstream
         if watch:
             return http.client.HTTPSConnection(up.host, up.port, context=up.ssl_context)
-        conn: http.client.HTTPSConnection | None = getattr(self, "_upstream_conn", None)
+        conn = self._upstream_conn
         if conn is None:
             conn = http.client.HTTPSConnection(up.host, up.port, context=up.ssl_context,
                                                timeout=60)
