@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,14 +252,6 @@ def test_gate_timeout_names_the_failing_conditions(
 
 
 # -- the whole step through the real tasks, fake helm, a real API server ------------------------
-
-@pytest.fixture
-def lab_env(lab_env: LabEnv) -> Iterator[LabEnv]:
-    """conftest's lab, and afterwards: no hook of this module failed inside the API front."""
-    yield lab_env
-    for emu in lab_env.fronts.values():
-        assert emu.callback_errors == []
-
 
 def _seed_cni(lab_env: LabEnv) -> None:
     """The fake helm 'installs' the chart as ready objects; the CRD cache holds the pinned files."""

@@ -592,10 +592,11 @@ class EnvtestServer:
                 for key, value in target.items()
                 if key not in present and not key.startswith(SELF_MAINTAINED)]
         for i in range(0, len(ops), ETCD_MAX_TXN_OPS):
-            self._etcd("kv/txn", {"success": ops[i:i + ETCD_MAX_TXN_OPS]})
-        if ops:  # the keys put back have new revisions now, and their snapshot's values
-            self._revisions.update({base64.b64decode(kv["key"]): kv["mod_revision"]
-                                    for kv in self._stored(keys_only=True)})
+            chunk = ops[i:i + ETCD_MAX_TXN_OPS]
+            revision = self._etcd("kv/txn", {"success": chunk})["header"]["revision"]
+            # a key put back holds its snapshot's value at the revision of that transaction
+            self._revisions.update({base64.b64decode(op["request_put"]["key"]): revision
+                                    for op in chunk if "request_put" in op})
         if switched:
             self._await_crds(self._crds[self._at], self._crds[name])
         self._at = name
@@ -663,9 +664,8 @@ class ServerPool:
         self.assets = assets
         self.upstream = upstream
         self.started = 0
-        self._clean: list[EnvtestServer] = []
-        self._lent: set[int] = set()  # ids of the clean servers out on lease
         self._live: list[EnvtestServer] = []
+        self._lent: set[EnvtestServer] = set()
         self._lock = threading.Lock()
 
     def _start(self, name: str, service_cidr: str) -> EnvtestServer:
@@ -699,27 +699,26 @@ class ServerPool:
         lent: list[EnvtestServer | None] = []
         with self._lock:
             for i in range(count):
-                free = next((s for s in self._clean if id(s) not in self._lent
+                free = next((s for s in self._live if s not in self._lent
                              and s.service_cidr == self.service_range(i)), None)
                 if free is not None:
-                    self._lent.add(id(free))
+                    self._lent.add(free)
                 lent.append(free)
         try:
-            missing = {f"clean-{len(self._clean) + n}-{i}": self.service_range(i)
+            missing = {f"clean-{self.started + n}-{i}": self.service_range(i)
                        for n, i in enumerate(i for i, s in enumerate(lent) if s is None)}
             if missing:
                 started = iter(self.fresh_many(missing).values())
                 lent = [s if s is not None else next(started) for s in lent]
                 with self._lock:
-                    self._clean += [s for s in lent if s is not None and s not in self._clean]
-                    self._lent.update(id(s) for s in lent)
+                    self._lent.update(s for s in lent if s is not None)
             servers = [s for s in lent if s is not None]
             for server in servers:
                 server.reset("crds" if crds else "bare")
             yield servers
         finally:
             with self._lock:
-                self._lent.difference_update(id(s) for s in lent if s is not None)
+                self._lent.difference_update(s for s in lent if s is not None)
 
     def fresh_many(self, wanted: dict[str, str]) -> dict[str, EnvtestServer]:
         """Several fresh servers (name → service CIDR), started side by side."""

@@ -450,13 +450,12 @@ class SimCluster:
     """Controllers, kubelets, agents and the host port of one kind cluster (module docstring)."""
 
     def __init__(self, name: str, fake_state: Path, *, mesh: Mesh | None = None,
-                 emulator: ApiFront, own_emulator: bool = True) -> None:
+                 front: ApiFront) -> None:
         self.name = name
         self.fake_state = Path(fake_state)
         self.mesh = mesh if mesh is not None else Mesh()
         self.mesh.clusters[name] = self
-        self._own_emulator = own_emulator
-        self.emu: ApiFront = emulator
+        self.emu = front  # started here, stopped by close()
         self.emu.start()
         self.emu.admission = self._admission
         self._lock = threading.RLock()
@@ -502,7 +501,7 @@ class SimCluster:
             self._stop.wait(0.05)  # a burst of writes makes one pass
             self._wake.clear()
             try:
-                with self.emu.cached_reads():  # type: ignore[union-attr]
+                with self.emu.cached_reads():
                     self.reconcile()
             except Exception as exc:  # keep running; the test sees it through check()
                 self.errors.append(exc)
@@ -513,8 +512,7 @@ class SimCluster:
         self._worker.join(timeout=10)
         self.front.close()
         self.emu.admission = None
-        if self._own_emulator:
-            self.emu.stop()
+        self.emu.stop()
         self.mesh.clusters.pop(self.name, None)
 
     def _register_apiserver(self) -> None:
@@ -2466,8 +2464,7 @@ def make_lab(root: Path, servers: Sequence[Any], base: str = "config/lab.yaml",
         assert len(servers) == len(raw["clusters"]), "one real API server per cluster"
         for c, server in zip(raw["clusters"], servers, strict=True):
             front = ApiFront(server.client.as_user_agent(f"sim-{c['name']}"))
-            sim = SimCluster(c["name"], fake_state, mesh=mesh, emulator=front,
-                             own_emulator=True)
+            sim = SimCluster(c["name"], fake_state, mesh=mesh, front=front)
             sims[c["name"]] = sim
             gateway = c.setdefault("gateway", {})
             gateway["httpsHostPort"] = sim.https_port
