@@ -9,9 +9,7 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import yaml
 
 from tests.fakes import BIN_DIR, fake_env, read_calls, read_state, write_state
 from tests.fakes.fakelib import merge_kind_kubeconfig, render_go_template
+from tests.support.apifront import ApiFront
 
 KIND_CONFIG = """\
 kind: Cluster
@@ -423,79 +422,10 @@ def test_fail_injection_once_then_success(cluster: Fake) -> None:
     assert cluster.read("kind.json")["clusters"] == {}
 
 
-class _Api:
-    """A throwaway API server that records requests and stores objects by path."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, str, Any]] = []
-        self.objects: dict[str, Any] = {}
-        self.rv = 0
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def _send(self, code: int, body: Any) -> None:
-                raw = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            def _body(self) -> Any:
-                n = int(self.headers.get("Content-Length") or 0)
-                return json.loads(self.rfile.read(n)) if n else None
-
-            def do_GET(self) -> None:
-                api.requests.append(("GET", self.path, None))
-                if self.path == "/version":
-                    self._send(200, {"gitVersion": "v1.33.1"})
-                elif self.path in api.objects:
-                    self._send(200, api.objects[self.path])
-                else:
-                    self._send(404, {"kind": "Status", "message": "not found", "code": 404})
-
-            def do_POST(self) -> None:
-                body = self._body()
-                api.requests.append(("POST", self.path, json.loads(json.dumps(body))))
-                if "/notserved/" in self.path:
-                    self._send(404, {"kind": "Status", "code": 404, "message": "not found"})
-                    return
-                item = f"{self.path}/{body['metadata']['name']}"
-                if item in api.objects:
-                    self._send(409, {"kind": "Status", "code": 409, "reason": "AlreadyExists"})
-                    return
-                api.rv += 1
-                body["metadata"]["resourceVersion"] = str(api.rv)
-                api.objects[item] = body
-                self._send(201, body)
-
-            def do_PUT(self) -> None:
-                body = self._body()
-                api.requests.append(("PUT", self.path, json.loads(json.dumps(body))))
-                api.rv += 1
-                body["metadata"]["resourceVersion"] = str(api.rv)
-                api.objects[self.path.removesuffix("/status")] = body
-                self._send(200, body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
-                         daemon=True).start()
-
-
-@pytest.fixture
-def api() -> Any:
-    srv = _Api()
-    yield srv
-    srv.server.shutdown()
-    srv.server.server_close()
-
-
-def test_helm_applies_chart_objects_to_the_api_server(fake: Fake, api: _Api) -> None:
-    fake.write("apiservers.json", {"lab": api.url})
+def test_helm_applies_chart_objects_to_the_api_server(fake: Fake, kube_api: ApiFront) -> None:
+    """Against a real API server: what the fake helm writes must be valid there, and its second
+    install updates what exists instead of creating it again."""
+    fake.write("apiservers.json", {"lab": kube_api.url})
     created, res = fake.batch(("kind", "create", "cluster", "--config", fake.config()),
                               ("helm", "repo", "add", "cilium", "https://helm.cilium.io/"))
     assert created.returncode == 0
@@ -505,29 +435,34 @@ def test_helm_applies_chart_objects_to_the_api_server(fake: Fake, api: _Api) -> 
     (charts / "Chart.yaml").write_text("name: cilium\nversion: 1.18.4\nappVersion: 1.18.4\n")
     (charts / "templates" / "agent.yaml").write_text(
         "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: cilium\n"
-        "status:\n  numberReady: 1\n  desiredNumberScheduled: 1\n---\n"
+        "spec:\n  selector: {matchLabels: {k8s-app: cilium}}\n"
+        "  template:\n    metadata: {labels: {k8s-app: cilium}}\n"
+        "    spec: {containers: [{name: cilium-agent, image: x}]}\n"
+        "status:\n  numberReady: 1\n  desiredNumberScheduled: 1\n  currentNumberScheduled: 1\n"
+        "  numberMisscheduled: 0\n---\n"
         "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: cilium\n"
         "  namespace: {{ .Release.Namespace }}\n---\n"
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata:\n"
-        "  name: cilium\n")
+        "  name: cilium\nspec:\n  controllerName: io.cilium/gateway-controller\n")
     cmd = ["helm", "upgrade", "--install", "cilium", "cilium/cilium", "-n", "kube-system",
            "--create-namespace"]
     fake.ok(*cmd)
-    writes = [(m, p) for m, p, _ in api.requests if m != "GET"]
+    writes = [(r.method, r.path) for r in kube_api.writes()]
     assert writes == [
-        ("POST", "/api/v1/namespaces"),
+        ("POST", "/api/v1/namespaces"),  # kube-system is there already: refused, and fine
         ("POST", "/api/v1/namespaces/kube-system/serviceaccounts"),  # helm's install order
         ("POST", "/apis/apps/v1/namespaces/kube-system/daemonsets"),
         ("PUT", "/apis/apps/v1/namespaces/kube-system/daemonsets/cilium/status"),
         ("POST", "/apis/gateway.networking.k8s.io/v1/gatewayclasses"),
     ]
-    ds = api.objects["/apis/apps/v1/namespaces/kube-system/daemonsets/cilium"]
-    assert ds["status"]["numberReady"] == 1
+    ds = kube_api.get("apps/v1", "DaemonSet", "cilium", "kube-system")
+    assert ds is not None and ds["status"]["numberReady"] == 1
     assert ds["metadata"]["annotations"]["meta.helm.sh/release-name"] == "cilium"
-    api.requests.clear()
-    fake.ok(*cmd)  # second time: 409 → GET → PUT with the current resourceVersion
-    puts = [(p, b["metadata"].get("resourceVersion")) for m, p, b in api.requests if m == "PUT"]
-    assert ("/api/v1/namespaces/kube-system/serviceaccounts/cilium", "2") in puts
+    kube_api.clear_requests()
+    fake.ok(*cmd)  # second time: read, then update what exists
+    puts = [r.path for r in kube_api.writes() if r.method == "PUT"]
+    assert "/api/v1/namespaces/kube-system/serviceaccounts/cilium" in puts
+    assert not [r for r in kube_api.writes() if r.method == "POST" and "namespaces/" in r.path]
     assert releases(fake)["kube-system/cilium"]["revision"] == 2
     # a kind the server does not serve fails the release like helm does
     (charts / "templates" / "crd.yaml").write_text(
