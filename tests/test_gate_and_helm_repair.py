@@ -50,6 +50,41 @@ def test_gateway_gate_fails_a_service_that_is_not_a_load_balancer(ctx: StepConte
     assert ensure_node_ports(ctx, {"port-80": 30080}) == (True, "port-80→30080")
 
 
+def test_a_nodeport_patch_that_races_cilium_is_refused_and_leaks_no_port(
+        ctx: StepContext, kube_api: ApiFront) -> None:
+    """Cilium's operator rewrites the gateway Service between the gate's read and its patch. The
+    patch must then be refused (it carries the read's resourceVersion), not applied: the real
+    server allocates the port before its write and keeps it when the write is retried after
+    losing to the concurrent one, and the next patch would find 30180 "already allocated" by
+    no Service for ~10 minutes."""
+    ctx.kube.apply({"apiVersion": "v1", "kind": "Namespace",
+                    "metadata": {"name": GATEWAY_NAMESPACE}})
+    ctx.kube.apply({"apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": GATEWAY_SERVICE, "namespace": GATEWAY_NAMESPACE},
+                    "spec": {"type": "LoadBalancer",
+                             "ports": [{"name": "port-80", "port": 80, "protocol": "TCP"}]}})
+    rewrites = []
+
+    def cilium_rewrites_first(method: str, path: str) -> None:
+        if method == "PATCH" and path.endswith(f"/services/{GATEWAY_SERVICE}") and not rewrites:
+            rewrites.append(kube_api.upstream.merge_patch(
+                "v1", "Service", GATEWAY_SERVICE, GATEWAY_NAMESPACE,
+                {"metadata": {"labels": {"io.cilium.gateway/owning-gateway": "lab"}}}))
+        return None
+
+    kube_api.admission = cilium_rewrites_first
+    random_port = ctx.kube.get("v1", "Service", GATEWAY_SERVICE,
+                               GATEWAY_NAMESPACE)["spec"]["ports"][0]["nodePort"]
+    ok, detail = ensure_node_ports(ctx, {"port-80": 30180})
+    assert rewrites and not ok
+    assert detail.endswith("the Service changed while patching (Cilium rewrites it); re-patching")
+    svc = ctx.kube.get("v1", "Service", GATEWAY_SERVICE, GATEWAY_NAMESPACE)
+    assert svc["spec"]["ports"][0]["nodePort"] == random_port  # nothing applied
+    assert ensure_node_ports(ctx, {"port-80": 30180}) == (
+        False, f"port-80 nodePort {random_port}, want 30180 — re-patched")
+    assert ensure_node_ports(ctx, {"port-80": 30180}) == (True, "port-80→30180")
+
+
 def _release(values: dict[str, Any]) -> HelmRelease:
     return HelmRelease(release="demo", chart="cilium/cilium", repo_name="cilium",
                        repo_url="https://helm.cilium.io/", version="1.18.4",

@@ -289,14 +289,24 @@ def ensure_node_ports(ctx: StepContext, wanted: dict[str, int],
     if stype != "LoadBalancer":
         problems.append(f"type is {stype}, Cilium's Gateway Service must stay LoadBalancer")
     if ops:
+        # Only against the Service as read: the API server allocates a NodePort before it writes
+        # and keeps it when the write then loses to a concurrent one (Cilium's operator patches
+        # this Service too) and is retried, so an unconditional patch can leak the very port it
+        # wants for ~10 minutes. A stale read is refused before any allocation instead.
+        version = svc.get("metadata", {}).get("resourceVersion")
+        if version:
+            ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": version})
         try:
             ctx.kube.patch("v1", "Service", GATEWAY_SERVICE, ops, GATEWAY_NAMESPACE,
                            patch_type="json")
             ctx.log.info("gateway.nodeports_patched", wanted=wanted)
             return False, "; ".join(problems) + " — re-patched"
         except Invalid as exc:
+            if version and _changed_since(ctx, version):
+                return False, "; ".join(problems) + \
+                    " — the Service changed while patching (Cilium rewrites it); re-patching"
             return False, "; ".join(problems) + f" — patch refused: {exc.message}" + \
-                _held_by(ctx, wanted)
+                _held_by(ctx, wanted, exc.message)
         except KubeError as exc:
             return False, "; ".join(problems) + f" — patch failed: {exc.message}"
     if problems:
@@ -304,13 +314,27 @@ def ensure_node_ports(ctx: StepContext, wanted: dict[str, int],
     return True, ", ".join(f"{n}→{p}" for n, p in wanted.items())
 
 
-def _held_by(ctx: StepContext, wanted: dict[str, int]) -> str:
-    """Which other Service holds the wanted NodePorts, and the fix (empty: none found)."""
+def _changed_since(ctx: StepContext, version: str) -> bool:
+    try:
+        svc = ctx.kube.get("v1", "Service", GATEWAY_SERVICE, GATEWAY_NAMESPACE)
+    except KubeError:
+        return False
+    return svc is not None and svc.get("metadata", {}).get("resourceVersion") != version
+
+
+def _held_by(ctx: StepContext, wanted: dict[str, int], refusal: str = "") -> str:
+    """Which other Service holds the wanted NodePorts, and the fix (empty: nothing to say)."""
     try:
         services = ctx.kube.list("v1", "Service")
     except KubeError:
         return ""
     holders = node_port_holders(services, wanted.values(), (GATEWAY_NAMESPACE, GATEWAY_SERVICE))
+    if not holders and "already allocated" in refusal:
+        # Allocated with no Service holding it: leaked by a write that lost a race (see
+        # ensure_node_ports). The API server's repair loop frees it on its third pass (3 min).
+        return (" — no Service holds it: the API server leaked the allocation in a concurrent "
+                "update and its repair loop frees it within about 10 minutes; run "
+                "`invoke lab.up --resume` then")
     i = ctx.lab.clusters.index(ctx.cluster)
     fields = {port: f"clusters[{i}].gateway."
                     f"{'httpNodePort' if name == HTTP_PORT_NAME else 'httpsNodePort'}"
