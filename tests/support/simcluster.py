@@ -1709,23 +1709,30 @@ class SimCluster:
     def _on_exec(self, ns: str, pod_name: str, container: str, cmd: list[str]
                  ) -> tuple[int, str, str]:
         try:
-            pod = self.emu.get("v1", "Pod", pod_name, ns)
-            if pod is None or (pod.get("status") or {}).get("phase") != "Running":
-                return 1, "", f'container "{container}" is not running'
-            if _label(pod, "k8s-app") == "cilium" and container == "cilium-agent":
-                return self._agent_exec(pod, cmd)
-            if cmd[:2] == ["/agnhost", "connect"]:
-                return self._connect(pod, cmd[2:])
-            if cmd and cmd[0] == "nslookup":
-                return self._nslookup(pod, cmd[1:])
-            if cmd and cmd[0] == "curl":
-                return self._curl(pod, cmd[1:])
-            return 126, "", ("OCI runtime exec failed: exec failed: unable to start container "
-                             f'process: exec: "{cmd[0] if cmd else ""}": executable file not '
-                             "found in $PATH: unknown")
+            # One exec reads each object once, as one snapshot (an agent answers from its own
+            # view of the cluster too); the next exec reads live again.
+            with self.emu.cached_reads():
+                return self._exec(ns, pod_name, container, cmd)
         except Exception as exc:
             self.errors.append(exc)
             raise
+
+    def _exec(self, ns: str, pod_name: str, container: str, cmd: list[str]
+              ) -> tuple[int, str, str]:
+        pod = self.emu.get("v1", "Pod", pod_name, ns)
+        if pod is None or (pod.get("status") or {}).get("phase") != "Running":
+            return 1, "", f'container "{container}" is not running'
+        if _label(pod, "k8s-app") == "cilium" and container == "cilium-agent":
+            return self._agent_exec(pod, cmd)
+        if cmd[:2] == ["/agnhost", "connect"]:
+            return self._connect(pod, cmd[2:])
+        if cmd and cmd[0] == "nslookup":
+            return self._nslookup(pod, cmd[1:])
+        if cmd and cmd[0] == "curl":
+            return self._curl(pod, cmd[1:])
+        return 126, "", ("OCI runtime exec failed: exec failed: unable to start container "
+                         f'process: exec: "{cmd[0] if cmd else ""}": executable file not '
+                         "found in $PATH: unknown")
 
     def _agent_exec(self, pod: Obj, cmd: list[str]) -> tuple[int, str, str]:
         ok, why = self.agent_health()
