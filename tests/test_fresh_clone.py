@@ -256,10 +256,17 @@ def test_require_envtest_and_oracle_name_what_to_set(
     monkeypatch.setenv(envtest_assets.ROOT_ENV, str(tmp_path / "store"))
     monkeypatch.delenv(deps.ENVTEST_ENV, raising=False)
     monkeypatch.delenv(deps.ORACLE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(deps.Missing, match=r"invoke lab.tools --envtest"):
         deps.require_envtest()
-    with pytest.raises(deps.Missing, match="set LAB_POLICY_ORACLE"):
+    with pytest.raises(deps.Missing, match=r"run `nox -s oracle` once .* or set LAB_POLICY_ORACLE"):
         deps.require_oracle()
+    # What `nox -s oracle` built is found without LAB_POLICY_ORACLE.
+    built = tmp_path / "cache" / "kind-cilium-lab" / "oracle" / "cilium-policy-oracle"
+    built.parent.mkdir(parents=True)
+    built.write_text("#!/bin/sh\n")
+    built.chmod(0o755)
+    assert deps.require_oracle() == built.resolve()
     # What `lab.tools --envtest` installs is found without KUBEBUILDER_ASSETS.
     installed = tmp_path / "store" / "k8s" / f"{envtest_assets.ENVTEST_VERSION}-" \
         f"{'-'.join(platform_pair())}"

@@ -8,7 +8,8 @@
   ``../shared/envtest/k8s/1.33.13-linux-amd64`` (linux/amd64), else what
   ``invoke lab.tools --envtest`` installed (`lab.envtest_assets`).
 * **policy oracle** (Cilium's policy engine as a binary): ``$LAB_POLICY_ORACLE``, else
-  ``../shared/tools/cilium-policy-oracle/cilium-policy-oracle``.
+  ``../shared/tools/cilium-policy-oracle/cilium-policy-oracle``, else what ``nox -s oracle``
+  built from Cilium's source and verified against the pinned digest (`oracle_build`).
 
 `require_upstream`, `require_envtest` and `require_oracle` return the path or raise `Missing`, a
 skip with one reason per dependency (so pytest folds them into one line). `configure` registers
@@ -29,7 +30,7 @@ import pytest
 
 from lab import envtest_assets
 from lab.errors import LabError
-from tests.support import upstream_fetch
+from tests.support import oracle_build, upstream_fetch
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_ENV = "LAB_SHARED_DIR"  # where ../shared is (tests of this module point it elsewhere)
@@ -154,16 +155,27 @@ def require_envtest() -> Path:
 
 # -- policy oracle ---------------------------------------------------------------------------------
 
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def require_oracle() -> Path:
     """The cilium-policy-oracle binary, or `Missing`."""
     raw = os.environ.get(ORACLE_ENV, "").strip()
-    path = Path(raw).expanduser() if raw else shared_oracle()
-    if path.is_file() and os.access(path, os.X_OK):
-        return path.resolve()
-    where = f"${ORACLE_ENV}={raw}" if raw else f"${ORACLE_ENV} unset, default {path}"
+    if raw:
+        if _is_executable(Path(raw).expanduser()):
+            return Path(raw).expanduser().resolve()
+        where = f"${ORACLE_ENV}={raw} is not an executable"
+    else:
+        candidates = [shared_oracle(), oracle_build.default_dest()]
+        for path in candidates:
+            if _is_executable(path):
+                return path.resolve()
+        where = f"${ORACLE_ENV} unset, no binary at {' or '.join(str(c) for c in candidates)}"
     raise Missing("oracle", (
-        f"cilium-policy-oracle unavailable ({where} is not an executable) → set {ORACLE_ENV} to "
-        "the binary built from Cilium v1.18.4's policy engine"))
+        f"cilium-policy-oracle unavailable ({where}) → run `nox -s oracle` once (builds it from "
+        f"Cilium v1.18.4's source with Go 1.27.3 and checks it against the pinned SHA-256) or "
+        f"set {ORACLE_ENV}"))
 
 
 # -- reporting -------------------------------------------------------------------------------------
