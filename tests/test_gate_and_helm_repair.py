@@ -52,17 +52,26 @@ def test_gateway_gate_fails_a_service_that_is_not_a_load_balancer(ctx: StepConte
 
 def test_a_nodeport_patch_that_races_cilium_is_refused_and_leaks_no_port(
         ctx: StepContext, kube_api: ApiFront) -> None:
-    """Cilium's operator rewrites the gateway Service between the gate's read and its patch. The
-    patch must then be refused (it carries the read's resourceVersion), not applied: the real
-    server allocates the port before its write and keeps it when the write is retried after
-    losing to the concurrent one, and the next patch would find 30180 "already allocated" by
-    no Service for ~10 minutes."""
+    """The real server allocates a NodePort before its write and keeps it when the write is
+    retried after losing to a concurrent one: the next patch then finds 30180 "already
+    allocated" by no Service for ~10 minutes. So the gate patches only once LB IPAM has written
+    the new Service's address, and only against the Service as it read it: when Cilium's
+    operator rewrites the Service between the gate's read and its patch, the patch is refused
+    and nothing is applied."""
     ctx.kube.apply({"apiVersion": "v1", "kind": "Namespace",
                     "metadata": {"name": GATEWAY_NAMESPACE}})
     ctx.kube.apply({"apiVersion": "v1", "kind": "Service",
                     "metadata": {"name": GATEWAY_SERVICE, "namespace": GATEWAY_NAMESPACE},
                     "spec": {"type": "LoadBalancer",
                              "ports": [{"name": "port-80", "port": 80, "protocol": "TCP"}]}})
+    # Until LB IPAM has written the address (a write that follows the Service's creation), the
+    # gate does not patch at all.
+    kube_api.clear_requests()
+    ok, detail = ensure_node_ports(ctx, {"port-80": 30180})
+    assert not ok and detail.endswith("patching once LB IPAM has written the Service's address")
+    assert [r for r in kube_api.writes() if r.path.endswith(GATEWAY_SERVICE)] == []
+    kube_api.upstream.patch_status("v1", "Service", GATEWAY_SERVICE, GATEWAY_NAMESPACE,
+                                   {"loadBalancer": {"ingress": [{"ip": "172.18.255.200"}]}})
     rewrites = []
 
     def cilium_rewrites_first(method: str, path: str) -> None:

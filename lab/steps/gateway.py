@@ -288,11 +288,16 @@ def ensure_node_ports(ctx: StepContext, wanted: dict[str, int],
                      "path": f"/spec/ports/{index}/nodePort", "value": want}]
     if stype != "LoadBalancer":
         problems.append(f"type is {stype}, Cilium's Gateway Service must stay LoadBalancer")
+    if ops and not (svc.get("status", {}).get("loadBalancer") or {}).get("ingress"):
+        # The API server allocates a NodePort before it writes the Service and keeps it when the
+        # write then loses to a concurrent one and is retried: a patch racing LB IPAM's status
+        # write, which follows the Service's creation, would leak the very port it wants for
+        # ~10 minutes. So the patch waits for that write.
+        return False, "; ".join(problems) + \
+            " — patching once LB IPAM has written the Service's address"
     if ops:
-        # Only against the Service as read: the API server allocates a NodePort before it writes
-        # and keeps it when the write then loses to a concurrent one (Cilium's operator patches
-        # this Service too) and is retried, so an unconditional patch can leak the very port it
-        # wants for ~10 minutes. A stale read is refused before any allocation instead.
+        # Only against the Service as read (same leak): a stale read is refused before any
+        # allocation instead of being retried against the latest.
         version = svc.get("metadata", {}).get("resourceVersion")
         if version:
             ops.insert(0, {"op": "test", "path": "/metadata/resourceVersion", "value": version})
