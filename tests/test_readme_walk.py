@@ -31,7 +31,7 @@ from tests.test_first_run import (
 
 # Commands of the README's code blocks that are not the lab's: the test suite and its sessions.
 NOT_LAB_COMMANDS = ("pip install -e '.[dev]'", "python -m pytest -q -n auto", "nox", "nox -s e2e",
-                    "nox -s e2e -- --mesh", "nox -s bench")
+                    "nox -s e2e -- --mesh", "nox -s bench", "nox -s oracle")
 
 
 # "Check your own policy" shows how to onboard and verify an application of your own (`shop`),
