@@ -498,7 +498,9 @@ class SimCluster:
         while not self._stop.is_set():
             if not self._wake.wait(0.2):
                 continue
-            self._stop.wait(0.05)  # a burst of writes makes one pass
+            # A burst of writes makes one pass: a task writes several objects in a row (a helm
+            # release, a step's manifests), and each pass reads and rewrites a lot.
+            self._stop.wait(0.3)
             self._wake.clear()
             try:
                 with self.emu.cached_reads():
