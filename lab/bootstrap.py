@@ -108,13 +108,18 @@ def pinned_versions(cfg: LabConfig) -> dict[str, str]:
     return {"kind": v.kind, "helm": v.helm, "cilium": v.cilium_cli}
 
 
+def cache_root() -> Path:
+    """This user's cache of the lab: ``$XDG_CACHE_HOME/kind-cilium-lab`` (``~/.cache/…``)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
+    return Path(cache) / "kind-cilium-lab"
+
+
 def tools_dir() -> Path:
     """Where verified tools live, shared by every lab of this user (see the module doc)."""
     explicit = os.environ.get(TOOLS_DIR_ENV, "").strip()
     if explicit:
         return Path(explicit).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
-    return Path(cache) / "kind-cilium-lab" / "bin"
+    return cache_root() / "bin"
 
 
 def lab_tools(cfg: LabConfig, log: Logger) -> Tools:
@@ -146,6 +151,15 @@ def platform_pair(system: str | None = None, machine: str | None = None) -> tupl
             "and run with --no-download (or LAB_NO_DOWNLOAD=1)",
         )
     return os_name, arch
+
+
+def host_platform() -> tuple[str, str]:
+    """`platform_pair`, or this machine's own lower-case names where no pinned release exists
+    (for folder names and builds, never for a download)."""
+    try:
+        return platform_pair()
+    except DownloadError:
+        return platform.system().lower(), platform.machine().lower()
 
 
 def base_url(tool: str, base_urls: dict[str, str] | None = None) -> str:
@@ -360,7 +374,7 @@ def download(url: str, part: Path, expected: str, *, out: TextIO | None = None,
             resp = _open(url, headers)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have and attempt == 1:  # the partial file is already complete
-                if _sha256_file(part) == expected:
+                if sha256_file(part) == expected:
                     return
                 part.unlink(missing_ok=True)
                 continue
@@ -378,7 +392,7 @@ def _stream(resp: Any, url: str, part: Path, have: int, expected: str, out: Text
     length = resp.headers.get("Content-Length")
     body = int(length) if length and length.isdigit() else None
     if have and resp.status == 206:
-        _sha256_file(part, digest)
+        sha256_file(part, digest)
         mode, done = "ab", have
     else:  # a fresh download, or the server ignored the range: start over
         mode, done = "wb", 0
@@ -461,7 +475,7 @@ def _extract(rel: Release, archive: Path, target: Path) -> None:
                             "nothing was installed; run the task again") from exc
 
 
-def _sha256_file(path: Path, digest: Any = None) -> str:
+def sha256_file(path: Path, digest: Any = None) -> str:
     h = digest if digest is not None else hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(CHUNK), b""):

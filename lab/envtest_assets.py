@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import http.client
 import os
-import platform
 import re
 import shutil
 import sys
@@ -35,6 +34,7 @@ from lab.bootstrap import (
     DownloadError,
     _open,
     _Progress,
+    host_platform,
     platform_pair,
 )
 
@@ -60,17 +60,10 @@ def default_root() -> Path:
     return Path(base) / "kubebuilder-envtest"
 
 
-def _platform() -> tuple[str, str]:
-    try:
-        return platform_pair()
-    except DownloadError:
-        return platform.system().lower(), platform.machine().lower()
-
-
 def assets_dir(version: str = ENVTEST_VERSION, root: Path | None = None,
                platform_: tuple[str, str] | None = None) -> Path:
     """Where the binaries of ``version`` for this platform live (``KUBEBUILDER_ASSETS``)."""
-    os_name, arch = platform_ or _platform()
+    os_name, arch = platform_ or host_platform()
     return (root or default_root()) / "k8s" / f"{version}-{os_name}-{arch}"
 
 

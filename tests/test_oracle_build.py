@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from lab.bootstrap import host_platform
 from tests.support import deps, oracle_build
 from tests.support.oracle_build import BuildError, build
 
@@ -208,7 +209,7 @@ def test_the_default_source_is_the_v1_18_4_commit() -> None:
 # -- the pin and the source are the oracle the policy tests use ----------------------------------
 
 def test_the_oracle_the_tests_use_is_the_pinned_binary() -> None:
-    if oracle_build.host_platform() != oracle_build.REFERENCE_PLATFORM:
+    if host_platform() != oracle_build.REFERENCE_PLATFORM:
         pytest.skip("the pin is the linux/amd64 binary")
     binary = deps.require_oracle()
     pinned = "8c891f98912efba85f3a6bca9c535b61f871cb799dc73d4527d68441c5b7cdbb"

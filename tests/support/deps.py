@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from lab import envtest_assets
+from lab.bootstrap import cache_root
 from lab.errors import LabError
 from tests.support import oracle_build, upstream_fetch
 
@@ -75,8 +76,7 @@ def shared_oracle() -> Path:
 
 
 def upstream_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kind-cilium-lab" / "upstream"
+    return cache_root() / "upstream"
 
 
 # -- upstream files --------------------------------------------------------------------------------
@@ -127,9 +127,12 @@ def require_upstream() -> Path:
 
 # -- envtest ---------------------------------------------------------------------------------------
 
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
 def _has_envtest(folder: Path) -> bool:
-    return all(os.access(folder / b, os.X_OK) and (folder / b).is_file()
-               for b in ENVTEST_BINARIES)
+    return all(_is_executable(folder / b) for b in ENVTEST_BINARIES)
 
 
 def require_envtest() -> Path:
@@ -154,10 +157,6 @@ def require_envtest() -> Path:
 
 
 # -- policy oracle ---------------------------------------------------------------------------------
-
-def _is_executable(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
 
 def require_oracle() -> Path:
     """The cilium-policy-oracle binary, or `Missing`."""

