@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import deps
+from tests.support import deps, warm
 from tests.support.apifront import ApiFront
 
 REPO = Path(__file__).resolve().parent.parent
@@ -149,17 +149,17 @@ class LabEnv:
 
     def run(self, *args: str, check: bool = True, timeout: float = 90,
             **extra_env: str) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(self.command(*args), cwd=self.root, env=self.env(**extra_env),
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        proc = warm.run(self.command(*args), cwd=self.root, env=self.env(**extra_env),
+                        capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
                                  f"stderr:\n{proc.stderr[-4000:]}")
         return proc
 
     def start(self, *args: str, **extra_env: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(self.command(*args), cwd=self.root, env=self.env(**extra_env),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return warm.popen(self.command(*args), cwd=self.root, env=self.env(**extra_env),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
 
     def calls(self, tool: str | None = None, sub: str | None = None) -> list[list[str]]:
         path = self.fake_state / "calls.jsonl"
