@@ -32,7 +32,7 @@ def show(c):
         "structlog_force_colors": structlog_config._force_colors,
         "env": {k: os.environ.get(k) for k in ("KUBECONFIG", "NO_COLOR", "PROBE")},
         "cwd": os.getcwd(),
-        "path": sys.path[:2],
+        "path": sys.path,
         "argv0": os.path.basename(sys.argv[0]),
         "stdin": sys.stdin.read(),
         "stdout_line_buffering": sys.stdout.line_buffering,

@@ -70,6 +70,7 @@ class WarmInterpreter:
 
     _instance: WarmInterpreter | None = None
     _instance_lock = threading.Lock()
+    _failed = False
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -87,10 +88,18 @@ class WarmInterpreter:
             raise RuntimeError("the warm interpreter did not start (its stderr says why)")
 
     @classmethod
-    def get(cls) -> WarmInterpreter:
+    def get(cls) -> WarmInterpreter | None:
+        """The warm interpreter, or None where it cannot start (say, the lab no longer imports):
+        the tasks then start fresh and show the error themselves."""
         with cls._instance_lock:
+            if cls._failed:
+                return None
             if cls._instance is None or cls._instance.process.poll() is not None:
-                cls._instance = cls()
+                try:
+                    cls._instance = cls()
+                except RuntimeError:
+                    cls._failed = True
+                    return None
             return cls._instance
 
     def spawn(self, argv: list[str], cwd: str | None, env: dict[str, str] | None,
@@ -122,14 +131,6 @@ class WarmInterpreter:
             raise RuntimeError(f"the warm interpreter did not start the task ({reply!r})")
         return value, status_ours
 
-    def close(self) -> None:
-        self._control.close()  # the warm interpreter exits on end of file
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
 
 class WarmPopen(subprocess.Popen):  # type: ignore[type-arg]
     """``subprocess.Popen`` for a ``python -m invoke`` command line whose child is forked by the
@@ -148,7 +149,10 @@ class WarmPopen(subprocess.Popen):  # type: ignore[type-arg]
             raise ValueError("process_group and umask are not passed to a warm task")
         new_session = bool(extra.get("start_new_session"))
         try:
-            self.pid, self._status = WarmInterpreter.get().spawn(
+            interpreter = WarmInterpreter.get()
+            if interpreter is None:
+                raise RuntimeError("no warm interpreter")
+            self.pid, self._status = interpreter.spawn(
                 list(args), None if cwd is None else os.fsdecode(cwd), env,
                 (p2cread, c2pwrite, errwrite), new_session)
         finally:
@@ -191,9 +195,14 @@ class WarmPopen(subprocess.Popen):  # type: ignore[type-arg]
         return self.returncode
 
 
+def _cold(argv: list[str]) -> bool:
+    return bool(os.environ.get(COLD_ENV)) or not is_task_command(argv) or \
+        WarmInterpreter.get() is None
+
+
 def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
     """``subprocess.Popen(argv, …)``, the child forked warm when ``argv`` is a task command."""
-    if os.environ.get(COLD_ENV) or not is_task_command(argv):
+    if _cold(argv):
         return subprocess.Popen(argv, **kwargs)
     return WarmPopen(argv, **kwargs)
 
@@ -201,7 +210,7 @@ def popen(argv: list[str], **kwargs: Any) -> subprocess.Popen[str]:
 def run(argv: list[str], *, timeout: float | None = None, **kwargs: Any
         ) -> subprocess.CompletedProcess[str]:
     """``subprocess.run(argv, …)`` with the child from :func:`popen`."""
-    if os.environ.get(COLD_ENV) or not is_task_command(argv):
+    if _cold(argv):
         return subprocess.run(argv, timeout=timeout, check=False, **kwargs)
     if kwargs.pop("capture_output", False):
         kwargs["stdout"] = kwargs["stderr"] = subprocess.PIPE
@@ -227,6 +236,10 @@ def _warm_up() -> None:
     for module in WARM_IMPORTS:
         importlib.import_module(module)
     del sys.modules["tasks"]  # invoke loads the root tasks.py itself, as in a fresh interpreter
+
+
+def _pythonpath() -> list[str]:
+    return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 def _stdio(fd: int, name: str) -> Any:
@@ -269,7 +282,8 @@ def _become_task(request: dict[str, Any], status: socket.socket, fds: list[int])
     sys.stdin, sys.stdout, sys.stderr = (_stdio(0, "stdin"), _stdio(1, "stdout"),
                                          _stdio(2, "stderr"))
     sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
-    sys.path[0] = request["cwd"]  # `python -m` puts the working directory first
+    # as a fresh `python -m` makes it: the working directory, $PYTHONPATH, then the rest
+    sys.path[:] = [request["cwd"], *_pythonpath(), *_INTERPRETER_PATH]
     sys.argv = ["-m", *request["argv"]]
     runpy.run_module("invoke", run_name="__main__", alter_sys=True)
 
@@ -326,9 +340,14 @@ def _serve(control: socket.socket
                     status.close()
 
 
+# sys.path past its first entry and $PYTHONPATH's: the interpreter's own (stdlib, site-packages)
+_INTERPRETER_PATH: list[str] = []
+
+
 def main() -> None:
     import gc
 
+    _INTERPRETER_PATH[:] = sys.path[1 + len(_pythonpath()):]
     control = socket.socket(fileno=int(sys.argv[1]))
     _warm_up()
     gc.collect()
