@@ -48,11 +48,13 @@ _EXTRA_PARAMETERS = list(inspect.signature(subprocess.Popen._execute_child).para
 WARM_IMPORTS = ("runpy", "invoke.main", "tasks", "kubernetes.client", "kubernetes.config",
                 "kubernetes.stream.ws_client", "lab.kube")
 # (module, attribute, how a fresh interpreter computes it at import from the environment)
+def _kubeconfig_default(env: Any) -> str:
+    return str(env.get("KUBECONFIG", "~/.kube/config"))
+
+
 IMPORT_TIME_ENV: list[tuple[str, str, Any]] = [
-    ("kubernetes.config.kube_config", "KUBE_CONFIG_DEFAULT_LOCATION",
-     lambda env: env.get("KUBECONFIG", "~/.kube/config")),
-    ("kubernetes.config", "KUBE_CONFIG_DEFAULT_LOCATION",
-     lambda env: env.get("KUBECONFIG", "~/.kube/config")),
+    ("kubernetes.config.kube_config", "KUBE_CONFIG_DEFAULT_LOCATION", _kubeconfig_default),
+    ("kubernetes.config", "KUBE_CONFIG_DEFAULT_LOCATION", _kubeconfig_default),
     ("structlog._config", "_no_colors", lambda env: env.get("NO_COLOR", "") != ""),
     ("structlog._config", "_force_colors", lambda env: env.get("FORCE_COLOR", "") != ""),
 ]
@@ -74,10 +76,9 @@ class WarmInterpreter:
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+        # `-m` from the repository puts it first on sys.path: tests.support.warm and tasks import
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.warm", str(theirs.fileno())], cwd=REPO, env=env,
+            [sys.executable, "-m", "tests.support.warm", str(theirs.fileno())], cwd=REPO,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=[theirs.fileno()],
             start_new_session=True)
         theirs.close()
