@@ -1,8 +1,8 @@
 """The README's command list, walked top to bottom through the real tasks against simulated
 clusters on real API servers: one cluster and a two-cluster mesh, as a new user would run them.
 
-Its own module so that it shares an xdist worker with the mesh tests: both lease a one-cluster
-and a two-cluster set of real API servers, which a worker then starts only once.
+Its own module so that it shares an xdist worker with the mesh tests: both lease two real API
+servers at once, which a worker then starts only once.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.simcluster import make_lab
+from tests.support.simcluster import SimLab, make_lab
 from tests.support.upstream import require_upstream
 from tests.test_first_run import (
     README,
@@ -28,6 +28,8 @@ from tests.test_first_run import (
 )
 
 # -- the README, top to bottom ---------------------------------------------------------------------
+
+MESH_CONFIG = "--config config/mesh.yaml"  # what the README's mesh commands add
 
 # Commands of the README's code blocks that are not the lab's: the test suite and its sessions.
 NOT_LAB_COMMANDS = ("pip install -e '.[dev]'", "python -m pytest -q -n auto", "nox", "nox -s e2e",
@@ -77,29 +79,40 @@ def test_readme_command_list_walked_top_to_bottom(tmp_path: Path, envtest_pool: 
     require_upstream()
     commands = readme_commands()
     assert commands[:2] == ["pip install -e '.[dev]'", "invoke lab.up"]
-    with envtest_pool.lease(1) as single, envtest_pool.lease(2) as mesh:
-        _walk_readme(tmp_path, commands, single, mesh)
+    # The README takes the one-cluster lab down before it builds the mesh, so the mesh is walked
+    # on servers leased after the first lab's are back (a worker starts two, not three).
+    first_mesh = next(i for i, c in enumerate(commands) if MESH_CONFIG in c)
+    walked = []
+    with envtest_pool.lease(1) as servers:
+        single = make_lab(tmp_path / "single", servers)
+        walked += _walk_readme(single, commands[:first_mesh], mesh=False)
+    with envtest_pool.lease(2) as servers:
+        mesh = make_lab(tmp_path / "mesh", servers, "config/mesh.yaml",
+                        [{"name": "east"}, {"name": "west"}])
+        walked += _walk_readme(mesh, commands[first_mesh:], mesh=True)
+    assert walked == ["invoke lab.up", "invoke lab.status", "invoke lab.trust",
+                      "curl --cacert .lab/lab-ca.crt https://echo.localhost:30443/",
+                      "invoke lab.hubble", "invoke lab.hubble --observe --verdict DROPPED",
+                      "invoke lab.down", "invoke lab.mesh --config config/mesh.yaml"]
 
 
-def _walk_readme(tmp_path: Path, commands: list[str], single_servers: list[Any],
-                 mesh_servers: list[Any]) -> None:
-    single = make_lab(tmp_path / "single", single_servers)
-    mesh = make_lab(tmp_path / "mesh", mesh_servers, "config/mesh.yaml",
-                    [{"name": "east"}, {"name": "west"}])
-    # `--config config/mesh.yaml` from the folder the mesh is run in: the simulated clusters' copy.
-    (mesh.env.root / "config").mkdir()
-    (mesh.env.root / "config" / "mesh.yaml").write_text(mesh.env.config.read_text())
-    recorders = {id(single.env): Recorder(single), id(mesh.env): Recorder(mesh)}
+def _walk_readme(lab: SimLab, commands: list[str], *, mesh: bool) -> list[str]:
+    """Run ``commands`` on ``lab`` (the mesh's: each lab command names its config), checking
+    what each says and does; returns the commands walked."""
+    env = lab.env
+    recorder = Recorder(lab)
     walked = []
     try:
+        if mesh:  # `--config config/mesh.yaml` from the folder it is run in: the sims' copy
+            (env.root / "config").mkdir()
+            (env.root / "config" / "mesh.yaml").write_text(env.config.read_text())
         for command in commands:
             if command in NOT_LAB_COMMANDS or command in YOUR_APPLICATION:
                 continue
             walked.append(command)
             words = command.split()
-            env = mesh.env if "--config config/mesh.yaml" in command else single.env
             if words[0] == "curl":
-                port = str(single.sims["lab"].https_port)  # the https host port of this lab
+                port = str(lab.sims["lab"].https_port)  # the https host port of this lab
                 url = words[-1].replace(":30443", f":{port}")
                 proc = subprocess.run([*words[:-1], "--silent", "--show-error", url],
                                       cwd=env.root, capture_output=True, text=True, timeout=30,
@@ -107,6 +120,7 @@ def _walk_readme(tmp_path: Path, commands: list[str], single_servers: list[Any],
                 assert proc.returncode == 0, (command, proc.stderr)
                 continue
             assert words[0] == "invoke", f"README command not walked: {command}"
+            assert (MESH_CONFIG in command) == mesh, f"{command}: the other lab's command"
             args = words[1:]
             if args == ["lab.hubble"]:
                 port = free_port()
@@ -127,7 +141,7 @@ def _walk_readme(tmp_path: Path, commands: list[str], single_servers: list[Any],
             proc = env.run(*args, timeout=240)
             out = proc.stdout
             if args[0] in ("lab.up", "lab.mesh"):
-                done = recorders[id(env)].since(start)
+                done = recorder.since(start)
                 assert_plan_is_the_real_order(plan, done)
             if args[0] == "lab.mesh":
                 assert "✓ lab is up (east, west)" in out
@@ -138,7 +152,7 @@ def _walk_readme(tmp_path: Path, commands: list[str], single_servers: list[Any],
                          for c in plan}
                 assert all(firsts[c] > lasts[c] for c in plan)
             elif args == ["lab.up"]:
-                assert "✓ lab is up (lab)" in out and single.env.record()["state"] == "locked"
+                assert "✓ lab is up (lab)" in out and env.record()["state"] == "locked"
             elif args == ["lab.status"]:
                 assert "lab — state locked" in out and "✗" not in out
             elif args == ["lab.trust"]:
@@ -148,12 +162,7 @@ def _walk_readme(tmp_path: Path, commands: list[str], single_servers: list[Any],
             elif args == ["lab.down"]:
                 assert "✓ removed lab" in out and not (env.root / ".lab" / "clusters" /
                                                         "lab.json").exists()
-        assert walked == ["invoke lab.up", "invoke lab.status", "invoke lab.trust",
-                          "curl --cacert .lab/lab-ca.crt https://echo.localhost:30443/",
-                          "invoke lab.hubble", "invoke lab.hubble --observe --verdict DROPPED",
-                          "invoke lab.down", "invoke lab.mesh --config config/mesh.yaml"]
-        single.check()
-        mesh.check()
+        lab.check()
     finally:
-        single.close()
-        mesh.close()
+        lab.close()
+    return walked
