@@ -280,6 +280,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="e2e: leave the lab running at the end (no lab.down)")
 
 
+# -- fake calls from a warm server ----------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_fakes() -> Iterator[None]:
+    """The fake kind/helm/docker calls of this test process fork from a warm fake server
+    (tests/fakes/warmfakes.py) instead of each starting an interpreter; ``LAB_TEST_COLD_TASKS=1``
+    (or a server that cannot start) leaves every call to start fresh."""
+    from tests.fakes.warmfakes import WarmFakeServer
+
+    if os.environ.get(warm.COLD_ENV):
+        yield
+        return
+    try:
+        server = WarmFakeServer()
+    except RuntimeError:
+        yield
+        return
+    server.export()
+    try:
+        yield
+    finally:
+        server.stop()
+
+
 # -- the real API server tier (envtest) ---------------------------------------------------------
 
 @pytest.fixture(scope="session")

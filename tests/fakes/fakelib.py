@@ -1,6 +1,7 @@
 """Fake `kind` (v0.29.0), `docker` (28.5 CLI) and `helm` (v3.19.0) for the test suite.
 
-The executables in ``tests/fakes/bin`` are launchers calling :func:`main`. Messages, argument
+The executables in ``tests/fakes/bin`` call :func:`main` through ``launch.py`` (in a child of
+the warm fake server, ``warmfakes.py``, when the test session runs one). Messages, argument
 shapes and exit codes follow the upstream sources (kind ``pkg/cmd/kind``, helm ``cmd/helm`` +
 ``pkg/action``, docker ``cli/command``). All state is JSON under ``$LAB_FAKE_STATE`` (required,
 exit 2 without it), guarded by an fcntl lock and written atomically:

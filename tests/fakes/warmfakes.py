@@ -1,0 +1,237 @@
+"""The warm fake server: one process per test session that has imported ``fakelib`` (and what its
+calls import later) and forks a child for each fake call ``launch.py`` hands it.
+
+The child becomes the call: it takes the caller's stdin/stdout/stderr, working directory,
+environment and ``sys.argv``, runs ``fakelib.main`` and exits as an interpreter would (the
+status of ``SystemExit``, 1 and a traceback for an uncaught exception, 120 when stdout cannot be
+flushed). The server sends the caller the exit status once it has reaped the child. A child
+whose caller is gone is killed at once by SIGIO (its default action), raised by the kernel when
+the caller's end of the pipe handed over with the call closes: a fake killed mid-call stops where
+it was, as a fresh process would.
+
+``WarmFakeServer`` starts one from the test process and exports ``LAB_FAKE_WARM``; without it
+(``LAB_TEST_COLD_TASKS=1``, or where the server cannot start) every fake starts fresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import traceback
+from typing import Any
+
+FAKES_DIR = os.path.dirname(os.path.abspath(__file__))
+WARM_ENV = "LAB_FAKE_WARM"
+_MAX_REQUEST = 1 << 20
+_FDS = 4  # stdin, stdout, stderr, the read end of the caller's liveness pipe
+
+
+# -- the test process's side ---------------------------------------------------------------------
+
+class WarmFakeServer:
+    """A warm fake server for this test process, its socket exported as ``$LAB_FAKE_WARM``."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="lab-fakes-")
+        self.address = os.path.join(self._dir, "server")
+        # stdin stays open: the server ends when this process does (EOF)
+        self.process = subprocess.Popen(
+            [sys.executable, "-S", os.path.abspath(__file__), self.address],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+        assert self.process.stdout is not None
+        if self.process.stdout.readline() != b"ready\n":
+            self.stop()
+            raise RuntimeError("the warm fake server did not start (its stderr says why)")
+
+    def export(self) -> None:
+        os.environ[WARM_ENV] = self.address
+
+    def stop(self) -> None:
+        if os.environ.get(WARM_ENV) == self.address:
+            del os.environ[WARM_ENV]
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.address)
+        with contextlib.suppress(OSError):
+            os.rmdir(self._dir)
+
+
+# -- the server ----------------------------------------------------------------------------------
+
+def _preload() -> None:
+    """Import fakelib and what its calls import on first use (YAML after the site directories,
+    as ``fakelib.yaml_mod`` adds them), so that a child imports nothing."""
+    sys.path.insert(0, FAKES_DIR)
+    sys.dont_write_bytecode = False
+    import fakelib
+
+    fakelib.yaml_mod()
+    for name in ("_sha256", "hashlib", "ipaddress", "urllib.parse", "urllib.request",
+                 "urllib.error", "ssl", "calendar", "socket", "traceback", "io"):
+        with contextlib.suppress(ImportError):
+            __import__(name)
+
+
+def serve(address: str) -> tuple[socket.socket, bytes, list[int]] | None:
+    """Fork a child per call and send each caller its child's exit status. Returns in a child
+    (its connection, request and descriptors), or None once the test process has gone."""
+    import array
+    import selectors
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(address)
+    listener.listen(64)
+    wakeup_r, wakeup_w = os.pipe()
+    os.set_blocking(wakeup_w, False)
+    signal.set_wakeup_fd(wakeup_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    calls: dict[int, socket.socket] = {}
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(wakeup_r, selectors.EVENT_READ)
+    selector.register(sys.stdin.fileno(), selectors.EVENT_READ)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    while True:
+        for key, _ in selector.select():
+            if key.fileobj is listener:
+                conn, _ = listener.accept()
+                conn.settimeout(10)  # the caller sends at once; a stuck one must not stop us
+                try:
+                    request, ancillary, _flags, _ = conn.recvmsg(
+                        _MAX_REQUEST, socket.CMSG_SPACE(_FDS * 4))
+                except OSError:
+                    conn.close()
+                    continue
+                fds = array.array("i")
+                for level, kind, data in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+                if not request or len(fds) != _FDS:
+                    for fd in fds:
+                        os.close(fd)
+                    conn.close()
+                    continue
+                pid = os.fork()
+                if pid == 0:
+                    signal.set_wakeup_fd(-1)
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    for fd in (wakeup_r, wakeup_w):
+                        os.close(fd)
+                    selector.close()
+                    listener.close()
+                    for other in calls.values():
+                        other.close()
+                    return conn, request, list(fds)
+                for fd in fds:
+                    os.close(fd)
+                calls[pid] = conn
+            elif key.fileobj == wakeup_r:
+                os.read(wakeup_r, 4096)
+                while calls:
+                    pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                    if pid == 0:
+                        break
+                    conn = calls.pop(pid)
+                    with contextlib.suppress(OSError):  # the caller may be gone
+                        conn.send(b"x%d" % os.waitstatus_to_exitcode(wait_status))
+                    conn.close()
+            elif not os.read(sys.stdin.fileno(), 4096):
+                return None
+
+
+def _stdio(fd: int, old: Any) -> Any:
+    """``sys.std*`` for descriptor 0/1/2 as a fresh interpreter makes it."""
+    import io
+
+    if fd == 0:
+        return io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "rb", closefd=False)),
+                                encoding=old.encoding, errors=old.errors)
+    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+    raw = io.FileIO(fd, "wb", closefd=False)
+    line_buffered = not unbuffered and (raw.isatty() or fd == 2)
+    return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=old.encoding,
+                            errors=old.errors, line_buffering=line_buffered,
+                            write_through=unbuffered)
+
+
+def become_call(conn: socket.socket, request: bytes, fds: list[int]) -> int:
+    """In the child: die with the caller, take its stdio, directory, environment and
+    arguments, run the fake. Returns the exit status."""
+    import fcntl
+
+    import fakelib
+
+    alive = fds[3]
+    fcntl.fcntl(alive, fcntl.F_SETOWN, os.getpid())
+    fcntl.fcntl(alive, fcntl.F_SETFL, fcntl.fcntl(alive, fcntl.F_GETFL) | os.O_ASYNC |
+                os.O_NONBLOCK)
+    try:
+        gone = os.read(alive, 1) == b""  # the caller ended before we could watch it
+    except BlockingIOError:
+        gone = False
+    if gone:
+        os.kill(os.getpid(), signal.SIGKILL)
+    conn.close()  # the server holds it; the caller's liveness is the pipe's now
+    for target in (0, 1, 2):
+        os.dup2(fds[target], target)
+    for fd in set(fds[:3]):
+        if fd > 2:
+            os.close(fd)
+    count, *rest = request.split(b"\0")
+    words = [os.fsdecode(w) for w in rest[:int(count)]]
+    tool, cwd, argv0, argv = words[0], words[1], words[2], words[3:]
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(os.fsdecode(item).split("=", 1) for item in rest[int(count):])
+    sys.stdin, sys.stdout, sys.stderr = (_stdio(0, sys.stdin), _stdio(1, sys.stdout),
+                                         _stdio(2, sys.stderr))
+    sys.argv = [argv0, *argv]
+    try:
+        result = fakelib.main(tool, argv)
+    except SystemExit as exc:
+        result = exc.code
+    except BaseException:
+        traceback.print_exc()
+        result = 1
+    if result is None:
+        code = 0
+    elif isinstance(result, int):
+        code = result & 0xFF
+    else:
+        print(result, file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        code = 120
+    return code
+
+
+def main() -> None:
+    _preload()
+    import gc
+
+    gc.collect()
+    gc.freeze()  # the server's heap stays shared with its children
+    call = serve(sys.argv[1])
+    if call is not None:
+        os._exit(become_call(*call))
+
+
+if __name__ == "__main__":
+    main()
