@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -268,12 +269,15 @@ def _seed_cni(lab_env: LabEnv) -> None:
         (cache / p.name).write_bytes(p.read_bytes())
 
 
-def _gateway_api_crd_names() -> set[str]:
-    """metadata.name of every CRD of the pinned standard channel, read from upstream's files."""
+@functools.cache
+def _gateway_api_crd_names() -> frozenset[str]:
+    """metadata.name of every CRD of the pinned standard channel, read from upstream's files
+    (with libyaml where PyYAML has it: ~10x faster)."""
     root = require_upstream() / "gateway-api-1.4.0" / "standard"
-    return {d["metadata"]["name"] for p in root.glob("*.yaml")
-            for d in yaml.safe_load_all(p.read_text())
-            if d and d.get("kind") == "CustomResourceDefinition"}
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return frozenset(d["metadata"]["name"] for p in root.glob("*.yaml")
+                     for d in yaml.load_all(p.read_text(), Loader=loader)
+                     if d and d.get("kind") == "CustomResourceDefinition")
 
 
 def test_up_to_cni_installs_crds_then_cilium_with_rendered_values(bare_lab_env: LabEnv) -> None:
