@@ -551,8 +551,20 @@ class SimCluster:
                 if n.get("role") != "external-load-balancer"]
 
     def _watch_kind(self) -> None:
+        # kind.json is read again once it changed (the fake replaces it whole on each write),
+        # and every 0.5 s in any case: two writes within one tick of the file system's clock can
+        # leave the same inode number, time and size
+        seen, read_at = None, 0.0
         while not self._stop.wait(0.03):
             try:
+                try:
+                    st = (self.fake_state / "kind.json").stat()
+                    now = (st.st_ino, st.st_mtime_ns, st.st_size)
+                except OSError:
+                    now = None
+                if now is not None and now == seen and time.monotonic() - read_at < 0.5:
+                    continue
+                read_at = time.monotonic()
                 rec = self.kind_record()
                 running = rec is not None and rec.get("status") == "running"
                 if running and (self._kind is None or self._kind.get("seq") != rec.get("seq")):
@@ -563,6 +575,7 @@ class SimCluster:
                 elif rec is None and self._kind is not None:
                     with self._lock:
                         self._kind = None
+                seen = now  # handled: read again once it changes
             except Exception as exc:  # keep watching; the test sees it through check()
                 self.errors.append(exc)
 
@@ -1575,7 +1588,8 @@ class SimCluster:
             return None
         if self.release("cert-manager", "cert-manager") is None:
             return None  # no webhook registered
-        cause = self.webhook_unreachable()
+        with self.emu.cached_reads():  # one call reads each object once, as one snapshot
+            cause = self.webhook_unreachable()
         if cause is None:
             return None
         return ApiError(500, "InternalError", 'Internal error occurred: failed calling webhook '
@@ -2200,42 +2214,9 @@ class HostFront:
     def _handle(self, conn: socket.socket) -> None:
         conn.settimeout(5)
         try:
-            route = self.sim.host_route(self.port)
-            if route is None:  # nothing behind the mapping (or no such mapping): reset
-                conn.close()
-                return
-            gw, _svc, port = route
-            chosen: dict[str, Any] = {}
-
-            def pick(sslobj: Any, name: str | None, _ctx: ssl.SSLContext) -> int | None:
-                secret = self.sim.listener_secret(gw, port, name)
-                chosen["sni"] = name
-                if secret is None:
-                    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-                sslobj.context = self._context_for(secret)
-                return None
-
-            base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            base.sni_callback = pick
-            with base.wrap_socket(conn, server_side=True) as tls:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    chunk = tls.recv(4096)
-                    if not chunk:
-                        return
-                    data += chunk
-                head = data.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
-                path = head[0].split(" ")[1] if len(head[0].split(" ")) > 1 else "/"
-                host = next((h.split(":", 1)[1].strip() for h in head[1:]
-                             if h.lower().startswith("host:")), "")
-                code, body = self.sim.serve_request(gw, port, host, path)
-                self.requests.append((chosen.get("sni"), host, code))
-                reason = {200: "OK", 403: "Forbidden", 404: "Not Found",
-                          503: "Service Unavailable"}.get(code, "")
-                payload = body.encode()
-                tls.sendall(f"HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\n"
-                            f"content-length: {len(payload)}\r\nserver: envoy\r\n"
-                            "connection: close\r\n\r\n".encode() + payload)
+            # one request reads each object once, as one snapshot (Envoy's view of the cluster)
+            with self.sim.emu.cached_reads():
+                self._answer(conn)
         except (OSError, ssl.SSLError):
             pass
         except Exception as exc:
@@ -2243,6 +2224,45 @@ class HostFront:
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
+
+    def _answer(self, conn: socket.socket) -> None:
+        """Route, terminate TLS with the listener's certificate (by SNI), answer one request."""
+        route = self.sim.host_route(self.port)
+        if route is None:  # nothing behind the mapping (or no such mapping): reset
+            conn.close()
+            return
+        gw, _svc, port = route
+        chosen: dict[str, Any] = {}
+
+        def pick(sslobj: Any, name: str | None, _ctx: ssl.SSLContext) -> int | None:
+            secret = self.sim.listener_secret(gw, port, name)
+            chosen["sni"] = name
+            if secret is None:
+                return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            sslobj.context = self._context_for(secret)
+            return None
+
+        base = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        base.sni_callback = pick
+        with base.wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = tls.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            head = data.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
+            path = head[0].split(" ")[1] if len(head[0].split(" ")) > 1 else "/"
+            host = next((h.split(":", 1)[1].strip() for h in head[1:]
+                         if h.lower().startswith("host:")), "")
+            code, body = self.sim.serve_request(gw, port, host, path)
+            self.requests.append((chosen.get("sni"), host, code))
+            reason = {200: "OK", 403: "Forbidden", 404: "Not Found",
+                      503: "Service Unavailable"}.get(code, "")
+            payload = body.encode()
+            tls.sendall(f"HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain\r\n"
+                        f"content-length: {len(payload)}\r\nserver: envoy\r\n"
+                        "connection: close\r\n\r\n".encode() + payload)
 
 
 # ================================================================================================
