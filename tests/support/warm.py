@@ -44,9 +44,11 @@ _MAX_MESSAGE = 1 << 20
 _EXTRA_PARAMETERS = list(inspect.signature(subprocess.Popen._execute_child).parameters)[17:]
 
 # In the order a task imports them: the root tasks.py first (as invoke loads it, the lab's logging
-# before rich), then what the lab imports lazily on its first API call.
+# before rich), then what the lab imports lazily on its first API call, then what `lab.up` and
+# the other lab tasks import when they start (the pipeline and its steps, the CA's x509).
 WARM_IMPORTS = ("runpy", "invoke.main", "tasks", "kubernetes.client", "kubernetes.config",
-                "kubernetes.stream.ws_client", "lab.kube")
+                "kubernetes.stream.ws_client", "lab.kube", "lab.runner", "cryptography.x509",
+                "rich.console")
 # (module, attribute, how a fresh interpreter computes it at import from the environment)
 def _kubeconfig_default(env: Any) -> str:
     return str(env.get("KUBECONFIG", "~/.kube/config"))
