@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,8 @@ def normalized(text: str, state: Path | None = None, cwd: Path | None = None) ->
 
 @pytest.fixture(scope="module")
 def server() -> Any:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the warm fake server runs on Linux only (elsewhere every fake starts fresh)")
     # a variable only the server has: a call must see its caller's environment alone
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KIND_CLUSTER_NAME", "the-servers-own")

@@ -37,6 +37,8 @@ class WarmFakeServer:
     """A warm fake server for this test process, its socket exported as ``$LAB_FAKE_WARM``."""
 
     def __init__(self) -> None:
+        if not sys.platform.startswith("linux"):  # SIGIO for a pipe's closed end: Linux's
+            raise RuntimeError("the warm fake server runs on Linux only")
         self._dir = tempfile.mkdtemp(prefix="lab-fakes-")
         self.address = os.path.join(self._dir, "server")
         # stdin stays open: the server ends when this process does (EOF)

@@ -100,7 +100,7 @@ class WarmInterpreter:
             if cls._instance is None or cls._instance.process.poll() is not None:
                 try:
                     cls._instance = cls()
-                except RuntimeError:
+                except (RuntimeError, OSError):  # OSError: no SOCK_SEQPACKET (macOS)
                     cls._failed = True
                     return None
             return cls._instance
