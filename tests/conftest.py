@@ -32,7 +32,9 @@ def with_fakes(path: str) -> str:
     """PATH with the fake kind/helm/docker first and the running interpreter second, so the
     fakes' `#!/usr/bin/env -S python3 -S` finds it rather than a version-manager shim (pyenv's
     adds ~80 ms to every call)."""
-    return os.pathsep.join([str(FAKE_BIN), os.path.dirname(sys.executable), path])
+    native = os.environ.get("LAB_FAKE_NATIVE_BIN")  # their C launchers, when the session built them
+    return os.pathsep.join([*([native] if native else []), str(FAKE_BIN),
+                            os.path.dirname(sys.executable), path])
 
 
 def upstream_dir() -> Path:

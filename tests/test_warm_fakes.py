@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 
 from tests.fakes import fake_env, read_calls
 from tests.fakes.fakelib import wait_until_sleeping
-from tests.fakes.warmfakes import WARM_ENV, WarmFakeServer
+from tests.fakes.warmfakes import NATIVE_ENV, WARM_ENV, WarmFakeServer, build_native_launchers
 
 KIND_CONFIG = """kind: Cluster
 apiVersion: kind.x-k8s.io/v1alpha4
@@ -72,20 +73,41 @@ def server() -> Any:
     server.stop()
 
 
-def env_for(state: Path, server: WarmFakeServer | None, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in (WARM_ENV, "KIND_CLUSTER_NAME")}
+@pytest.fixture(scope="module")
+def native_bin(tmp_path_factory: pytest.TempPathFactory) -> str | None:
+    """The C launchers, built as the session builds them (None without a C compiler)."""
+    return build_native_launchers(str(tmp_path_factory.mktemp("native")))
+
+
+@pytest.fixture(params=["python", "native"])
+def launcher(request: pytest.FixtureRequest, native_bin: str | None) -> str | None:
+    """The launcher a call goes through: the directory on PATH before tests/fakes/bin."""
+    if request.param == "python":
+        return None
+    if native_bin is None:
+        pytest.skip("no C compiler: the fakes use their Python launcher here")
+    return native_bin
+
+
+def env_for(state: Path, server: WarmFakeServer | None, launcher: str | None = None,
+            **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in (WARM_ENV, NATIVE_ENV, "KIND_CLUSTER_NAME")}
     env = fake_env(str(state), env, KUBECONFIG=str(state / "kubeconfig"), **extra)
+    path = [p for p in env["PATH"].split(os.pathsep) if p != os.environ.get(NATIVE_ENV)]
+    env["PATH"] = os.pathsep.join([launcher, *path] if launcher else path)
     if server is not None:
         env[WARM_ENV] = server.address
     return env
 
 
-def walk(tmp_path: Path, server: WarmFakeServer | None) -> dict[str, Any]:
+def walk(tmp_path: Path, server: WarmFakeServer | None, launcher: str | None = None
+         ) -> dict[str, Any]:
     """Run CALLS from a directory of their own; what the caller saw and the fake left."""
     state = tmp_path / ("warm" if server else "fresh")
     cwd = tmp_path / ("cwd-warm" if server else "cwd-fresh")
     cwd.mkdir()
-    env = env_for(state, server, PROBE="x")
+    env = env_for(state, server, launcher, PROBE="x")
     seen = []
     pids = []
     for argv, stdin in CALLS:
@@ -104,10 +126,13 @@ def walk(tmp_path: Path, server: WarmFakeServer | None) -> dict[str, Any]:
             "fake_pids": [c["pid"] for c in calls], "caller_pids": pids}
 
 
-def test_a_call_handed_over_is_the_call_started_fresh(tmp_path: Path,
-                                                     server: WarmFakeServer) -> None:
+def test_a_call_handed_over_is_the_call_started_fresh(tmp_path: Path, server: WarmFakeServer,
+                                                     launcher: str | None) -> None:
+    if launcher is not None:
+        found = shutil.which("kind", path=env_for(tmp_path, server, launcher)["PATH"])
+        assert found == os.path.join(launcher, "kind")
     fresh = walk(tmp_path, None)
-    handed = walk(tmp_path, server)
+    handed = walk(tmp_path, server, launcher)
     assert handed["seen"] == fresh["seen"]
     assert handed["calls"] == fresh["calls"]
     assert handed["state"] == fresh["state"]
@@ -129,12 +154,12 @@ def test_a_call_handed_over_is_the_call_started_fresh(tmp_path: Path,
 
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
 def test_exit_status_and_signals_reach_the_caller(tmp_path: Path, server: WarmFakeServer,
-                                                  warm: bool) -> None:
-    env = env_for(tmp_path, server if warm else None, LAB_FAKE_FAIL="helm:version")
+                                                  warm: bool, launcher: str | None) -> None:
+    env = env_for(tmp_path, server if warm else None, launcher, LAB_FAKE_FAIL="helm:version")
     failed = subprocess.run(["helm", "version"], env=env, capture_output=True, text=True,
                             timeout=30, check=False)
     assert failed.returncode == 1
-    env = env_for(tmp_path, server if warm else None, LAB_FAKE_SLEEP="kind:create=30")
+    env = env_for(tmp_path, server if warm else None, launcher, LAB_FAKE_SLEEP="kind:create=30")
     proc = subprocess.Popen(["kind", "create", "cluster", "--name", "sig"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     call = wait_until_sleeping(tmp_path, "kind", ["create"])
@@ -145,8 +170,8 @@ def test_exit_status_and_signals_reach_the_caller(tmp_path: Path, server: WarmFa
 
 @pytest.mark.parametrize("warm", [False, True], ids=["fresh", "warm"])
 def test_a_killed_caller_takes_the_call_with_it(tmp_path: Path, server: WarmFakeServer,
-                                               warm: bool) -> None:
-    env = env_for(tmp_path, server if warm else None, LAB_FAKE_SLEEP="kind:create=30")
+                                               warm: bool, launcher: str | None) -> None:
+    env = env_for(tmp_path, server if warm else None, launcher, LAB_FAKE_SLEEP="kind:create=30")
     subprocess.run(["kind", "get", "clusters"], env=env, check=True, capture_output=True,
                    timeout=30)
     proc = subprocess.Popen(["kind", "create", "cluster", "--name", "k"], env=env,
@@ -172,15 +197,16 @@ def _alive(pid: int) -> bool:
         return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def test_without_a_server_or_stdio_the_call_runs_fresh(tmp_path: Path,
-                                                       server: WarmFakeServer) -> None:
-    gone = env_for(tmp_path, None)
+def test_without_a_server_or_stdio_the_call_runs_fresh(tmp_path: Path, server: WarmFakeServer,
+                                                       launcher: str | None) -> None:
+    gone = env_for(tmp_path, None, launcher)
     gone[WARM_ENV] = str(tmp_path / "no-such-socket")
     closed_stdin = ["sh", "-c", "exec kind get clusters <&-"]
     for argv, env in ((["kind", "get", "clusters"], gone),
-                      (closed_stdin, env_for(tmp_path, server))):
+                      (closed_stdin, env_for(tmp_path, server, launcher))):
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
         out, err = proc.communicate(timeout=30)
         assert (proc.returncode, out, err) == (0, "", "No kind clusters found.\n")
-        assert read_calls(str(tmp_path))[-1]["pid"] == proc.pid  # it ran in the caller
+        # it ran in the caller: the Python launcher itself, or what the C one exec'd
+        assert read_calls(str(tmp_path))[-1]["pid"] == proc.pid

@@ -3726,8 +3726,9 @@ def fake_env(state_dir: str, base: dict[str, str] | None = None, **extra: str) -
     python3 rather than a slow version-manager shim (pyenv adds ~80 ms per call).
     """
     env = dict(os.environ if base is None else base)
-    env["PATH"] = os.pathsep.join([BIN_DIR, os.path.dirname(sys.executable),
-                                   env.get("PATH", "")])
+    native = os.environ.get("LAB_FAKE_NATIVE_BIN")  # the C launchers (warmfakes.py), if built
+    env["PATH"] = os.pathsep.join([*([native] if native else []), BIN_DIR,
+                                   os.path.dirname(sys.executable), env.get("PATH", "")])
     env[STATE_ENV] = str(state_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env

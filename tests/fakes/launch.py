@@ -9,7 +9,8 @@ caller as a fake would: the child is killed (SIGIO) the moment this process is g
 exited or was killed.
 
 Imports nothing ``python3 -S`` has not loaded already but the built-in ``_socket`` and
-``_signal``: the point is to start in a few milliseconds.
+``_signal``: the point is to start in a few milliseconds. ``launch.c`` is the same launcher in C,
+used instead where the test session could build it.
 """
 
 import os

@@ -27,6 +27,7 @@ from typing import Any
 
 FAKES_DIR = os.path.dirname(os.path.abspath(__file__))
 WARM_ENV = "LAB_FAKE_WARM"
+NATIVE_ENV = "LAB_FAKE_NATIVE_BIN"  # the C launchers' directory, on PATH before tests/fakes/bin
 _MAX_REQUEST = 1 << 20
 _FDS = 4  # stdin, stdout, stderr, the read end of the caller's liveness pipe
 
@@ -52,10 +53,17 @@ class WarmFakeServer:
 
     def export(self) -> None:
         os.environ[WARM_ENV] = self.address
+        try:  # test_warm_fakes.py fails where the build does; the Python launchers serve here
+            native = build_native_launchers(os.path.join(self._dir, "bin"))
+        except RuntimeError:
+            native = None
+        if native is not None:
+            os.environ[NATIVE_ENV] = native
 
     def stop(self) -> None:
         if os.environ.get(WARM_ENV) == self.address:
             del os.environ[WARM_ENV]
+            os.environ.pop(NATIVE_ENV, None)
         if self.process.stdin is not None:
             self.process.stdin.close()
         try:
@@ -65,10 +73,34 @@ class WarmFakeServer:
             self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.address)
-        with contextlib.suppress(OSError):
-            os.rmdir(self._dir)
+        import shutil
+
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def build_native_launchers(folder: str) -> str | None:
+    """``launch.c`` built as ``folder/{kind,docker,helm}`` with the C compiler on PATH: a call
+    then starts no interpreter at all (~1 ms instead of ~14 ms). None where there is no compiler
+    (the Python launchers serve); RuntimeError where the build fails."""
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None
+    os.makedirs(folder, exist_ok=True)
+    target = os.path.join(folder, "kind")
+    built = subprocess.run(
+        [compiler, "-O2", "-o", target, os.path.join(FAKES_DIR, "launch.c"),
+         f'-DFAKES_BIN="{os.path.join(FAKES_DIR, "bin")}"', f'-DPYTHON="{sys.executable}"'],
+        capture_output=True, check=False)
+    if built.returncode != 0:
+        raise RuntimeError(f"{compiler} could not build launch.c:\n{built.stderr.decode()}")
+    for tool in ("docker", "helm"):
+        try:
+            os.link(target, os.path.join(folder, tool))
+        except OSError:
+            shutil.copy2(target, os.path.join(folder, tool))
+    return folder
 
 
 # -- the server ----------------------------------------------------------------------------------
