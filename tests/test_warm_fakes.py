@@ -35,6 +35,9 @@ CALLS: list[tuple[list[str], str]] = [
     (["kind", "get", "clusters"], ""),
     (["kind", "create", "cluster", "--name", "demo", "--config", "-"], KIND_CONFIG),
     (["kind", "get", "nodes", "--name", "demo"], ""),
+    # CRLF on stdin reaches the fake untranslated (kind.json keeps the config's text)
+    (["kind", "create", "cluster", "--name", "crlf", "--config", "-"],
+     KIND_CONFIG.replace("\n", "\r\n")),
     (["docker", "ps", "--format", "{{.Names}}"], ""),
     (["docker", "network", "inspect", "kind", "--format", "{{json .IPAM.Config}}"], ""),
     (["helm", "version", "--short"], ""),
@@ -193,8 +196,11 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     # a zombie is dead; only its parent (the server, or our Popen) has yet to reap it
-    with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
-        return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # reaped meanwhile
+        return False
 
 
 def test_without_a_server_or_stdio_the_call_runs_fresh(tmp_path: Path, server: WarmFakeServer,

@@ -77,7 +77,7 @@ def test_a_warm_task_sees_what_a_fresh_one_sees(probe: Path, tmp_path: Path) -> 
     env = {**os.environ, "KUBECONFIG": str(tmp_path / "kubeconfig"), "NO_COLOR": "1",
            "PROBE": "yes"}
     env.pop("FORCE_COLOR", None)
-    cold, hot = both(probe, "show", cwd=tmp_path, env=env, input="from stdin")
+    cold, hot = both(probe, "show", cwd=tmp_path, env=env, input="from stdin\r\nline two")
     assert cold.returncode == hot.returncode == 0, (cold.stderr, hot.stderr)
     seen_cold, seen_hot = json.loads(cold.stdout), json.loads(hot.stdout)
     assert seen_hot == seen_cold
@@ -88,7 +88,7 @@ def test_a_warm_task_sees_what_a_fresh_one_sees(probe: Path, tmp_path: Path) -> 
     assert seen_hot["env"] == {"KUBECONFIG": str(tmp_path / "kubeconfig"), "NO_COLOR": "1",
                                "PROBE": "yes"}
     assert seen_hot["cwd"] == str(tmp_path)
-    assert seen_hot["stdin"] == "from stdin"
+    assert seen_hot["stdin"] == "from stdin\r\nline two"  # no newline translation
     assert seen_hot["session_leader"] is False
 
 

@@ -7,7 +7,9 @@
  * exits as the child did. Where the call cannot be handed over it runs the Python launcher
  * (FAKES_BIN/<tool>, with PYTHON -S), so the fake behaves the same either way.
  */
+#define _GNU_SOURCE  /* pipe2 */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
 #include <stdio.h>
@@ -48,10 +50,6 @@ static int hand_over(const char *address, const char *tool, const char *script, 
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     if (strlen(address) >= sizeof(sa.sun_path)) return 0;
     strcpy(sa.sun_path, address);
-    int conn = socket(AF_UNIX, SOCK_SEQPACKET, 0);
-    if (conn < 0 || connect(conn, (struct sockaddr *)&sa, sizeof(sa)) != 0) return 0;
-    int alive[2];
-    if (pipe(alive) != 0) return 0;
     char cwd[PATH_MAX];
     if (!getcwd(cwd, sizeof(cwd))) return 0;
 
@@ -66,23 +64,39 @@ static int hand_over(const char *address, const char *tool, const char *script, 
     for (int i = 1; i < argc; i++) append(&buf, &len, &cap, argv[i], 1);
     for (char **e = environ; *e; e++) append(&buf, &len, &cap, *e, 1);
 
+    /* close-on-exec: a call run here after all (execv below) inherits neither */
+    int conn = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    if (conn < 0) { free(buf); return 0; }
+    int alive[2];
+    if (pipe2(alive, O_CLOEXEC) != 0) { close(conn); free(buf); return 0; }
     int fds[4] = {0, 1, 2, alive[0]};
-    char control[CMSG_SPACE(sizeof(fds))];
-    memset(control, 0, sizeof(control));
+    union {  /* aligned for a cmsghdr */
+        char bytes[CMSG_SPACE(sizeof(fds))];
+        struct cmsghdr align;
+    } control;
+    memset(&control, 0, sizeof(control));
     struct iovec iov = {.iov_base = buf, .iov_len = len};
-    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control,
-                         .msg_controllen = sizeof(control)};
+    struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes,
+                         .msg_controllen = sizeof(control.bytes)};
     struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
     cm->cmsg_level = SOL_SOCKET;
     cm->cmsg_type = SCM_RIGHTS;
     cm->cmsg_len = CMSG_LEN(sizeof(fds));
     memcpy(CMSG_DATA(cm), fds, sizeof(fds));
-    if (sendmsg(conn, &msg, 0) < 0) return 0;
+    if (connect(conn, (struct sockaddr *)&sa, sizeof(sa)) != 0 || sendmsg(conn, &msg, 0) < 0) {
+        close(conn); close(alive[0]); close(alive[1]); free(buf);
+        return 0;
+    }
+    free(buf);
     close(alive[0]);  /* alive[1] stays open until this process ends */
 
     char reply[64];
     ssize_t n;
     do n = recv(conn, reply, sizeof(reply) - 1, 0); while (n < 0 && errno == EINTR);
+    if (n == 1 && reply[0] == 'r') {  /* the server could not start a child: run it here */
+        close(conn); close(alive[1]);
+        return 0;
+    }
     if (n <= 1 || reply[0] != 'x') {
         fprintf(stderr, "fake %s: the warm fake server ended during the call\n", tool);
         *code = 70;
@@ -94,6 +108,7 @@ static int hand_over(const char *address, const char *tool, const char *script, 
 }
 
 int main(int argc, char **argv) {
+    if (argc < 1) return 127;
     const char *slash = strrchr(argv[0], '/');
     const char *tool = slash ? slash + 1 : argv[0];
     char script[PATH_MAX];

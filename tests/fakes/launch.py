@@ -38,23 +38,30 @@ def _hand_over(address: str, tool: str) -> "int | None":
     try:
         for fd in (0, 1, 2):
             os.fstat(fd)
-        conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
-        conn.connect(address)
+        words = [tool, os.getcwd(), sys.argv[0], *sys.argv[1:]]
     except OSError:
         return None
-    # The child watches the read end: its O_ASYNC signal fires when the write end closes, which
-    # it does only when this process ends.
-    alive_r, _alive_w = os.pipe()
-    words = [tool, os.getcwd(), sys.argv[0], *sys.argv[1:]]
     request = b"\0".join([str(len(words)).encode(), *map(os.fsencode, words),
                           *(os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.items())])
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    # The child watches the read end: its O_ASYNC signal fires when the write end closes, which
+    # it does only when this process ends.
+    alive_r, alive_w = os.pipe()
     fds = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in (0, 1, 2, alive_r))
     try:
+        conn.connect(address)
         conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
     except OSError:
+        for fd in (alive_r, alive_w):
+            os.close(fd)
+        conn.close()
         return None
     os.close(alive_r)
     reply = conn.recv(64)
+    if reply == b"r":  # the server could not start a child: run the call here
+        conn.close()
+        os.close(alive_w)
+        return None
     if not reply.startswith(b"x"):
         sys.stderr.write(f"fake {tool}: the warm fake server ended during the call\n")
         return 70

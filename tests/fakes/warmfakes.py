@@ -159,7 +159,15 @@ def serve(address: str) -> tuple[socket.socket, bytes, list[int]] | None:
                         os.close(fd)
                     conn.close()
                     continue
-                pid = os.fork()
+                try:
+                    pid = os.fork()
+                except OSError:  # no child: the caller runs the call itself
+                    for fd in fds:
+                        os.close(fd)
+                    with contextlib.suppress(OSError):
+                        conn.send(b"r")
+                    conn.close()
+                    continue
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -191,14 +199,15 @@ def _stdio(fd: int, old: Any) -> Any:
     """``sys.std*`` for descriptor 0/1/2 as a fresh interpreter makes it."""
     import io
 
+    # newline="\n": lines split at "\n" and nothing translated, as CPython's create_stdio
     if fd == 0:
         return io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "rb", closefd=False)),
-                                encoding=old.encoding, errors=old.errors)
+                                encoding=old.encoding, errors=old.errors, newline="\n")
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     raw = io.FileIO(fd, "wb", closefd=False)
     line_buffered = not unbuffered and (raw.isatty() or fd == 2)
     return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=old.encoding,
-                            errors=old.errors, line_buffering=line_buffered,
+                            errors=old.errors, newline="\n", line_buffering=line_buffered,
                             write_through=unbuffered)
 
 
@@ -234,10 +243,21 @@ def become_call(conn: socket.socket, request: bytes, fds: list[int]) -> int:
     sys.stdin, sys.stdout, sys.stderr = (_stdio(0, sys.stdin), _stdio(1, sys.stdout),
                                          _stdio(2, sys.stderr))
     sys.argv = [argv0, *argv]
+    return _exit_status(lambda: fakelib.main(tool, argv))
+
+
+def _exit_status(run: Any) -> int:
+    """Run the call; its exit status as the interpreter's shutdown would make it."""
     try:
-        result = fakelib.main(tool, argv)
+        result = run()
     except SystemExit as exc:
         result = exc.code
+    except KeyboardInterrupt:  # a fresh interpreter dies by the signal itself
+        traceback.print_exc()
+        _flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        result = 1
     except BaseException:
         traceback.print_exc()
         result = 1
@@ -248,12 +268,17 @@ def become_call(conn: socket.socket, request: bytes, fds: list[int]) -> int:
     else:
         print(result, file=sys.stderr)
         code = 1
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except OSError:
-        code = 120
-    return code
+    return 120 if not _flush() else code
+
+
+def _flush() -> bool:
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:
+            ok = False
+    return ok
 
 
 def main() -> None:
@@ -264,7 +289,12 @@ def main() -> None:
     gc.freeze()  # the server's heap stays shared with its children
     call = serve(sys.argv[1])
     if call is not None:
-        os._exit(become_call(*call))
+        try:
+            code = become_call(*call)
+        except BaseException:
+            traceback.print_exc()
+            code = 70
+        os._exit(code)  # the server's copy never goes through an interpreter shutdown
 
 
 if __name__ == "__main__":

@@ -251,14 +251,15 @@ def _stdio(fd: int, name: str) -> Any:
 
     old = getattr(sys, name)
     encoding, errors = old.encoding, old.errors
+    # newline="\n": lines split at "\n" and nothing translated, as CPython's create_stdio
     if fd == 0:
         return io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "rb", closefd=False)),
-                                encoding=encoding, errors=errors)
+                                encoding=encoding, errors=errors, newline="\n")
     unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
     raw = io.FileIO(fd, "wb", closefd=False)
     line_buffered = not unbuffered and (raw.isatty() or fd == 2)
     return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=encoding,
-                            errors=errors, line_buffering=line_buffered,
+                            errors=errors, newline="\n", line_buffering=line_buffered,
                             write_through=unbuffered)
 
 
