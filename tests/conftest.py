@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.fakes.fakelib import fakes_path
 from tests.support import deps, warm
 from tests.support.apifront import ApiFront
 
@@ -29,12 +30,10 @@ FAKE_BIN = REPO / "tests" / "fakes" / "bin"
 
 
 def with_fakes(path: str) -> str:
-    """PATH with the fake kind/helm/docker first and the running interpreter second, so the
-    fakes' `#!/usr/bin/env -S python3 -S` finds it rather than a version-manager shim (pyenv's
-    adds ~80 ms to every call)."""
-    native = os.environ.get("LAB_FAKE_NATIVE_BIN")  # their C launchers, when the session built them
-    return os.pathsep.join([*([native] if native else []), str(FAKE_BIN),
-                            os.path.dirname(sys.executable), path])
+    """PATH with the fake kind/helm/docker first (their C launchers where the session built
+    them) and the running interpreter next, so the fakes' `#!/usr/bin/env -S python3 -S` finds
+    it rather than a version-manager shim (pyenv's adds ~80 ms to every call)."""
+    return fakes_path(path)
 
 
 def upstream_dir() -> Path:

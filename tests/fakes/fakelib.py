@@ -3719,6 +3719,17 @@ def helm_rollback(state: State, opts: dict[str, Any], pos: list[str]) -> None:
 # ================================================================================================
 
 
+NATIVE_BIN_ENV = "LAB_FAKE_NATIVE_BIN"  # the C launchers' folder, where the session built them
+
+
+def fakes_path(path: str) -> str:
+    """``path`` with the fakes first: their C launchers where the test session built them
+    (warmfakes.py), tests/fakes/bin, then the running interpreter's folder."""
+    native = os.environ.get(NATIVE_BIN_ENV)
+    return os.pathsep.join([*([native] if native else []), BIN_DIR,
+                            os.path.dirname(sys.executable), path])
+
+
 def fake_env(state_dir: str, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
     """An environment that runs the fakes: PATH with tests/fakes/bin first, LAB_FAKE_STATE set.
 
@@ -3726,9 +3737,7 @@ def fake_env(state_dir: str, base: dict[str, str] | None = None, **extra: str) -
     python3 rather than a slow version-manager shim (pyenv adds ~80 ms per call).
     """
     env = dict(os.environ if base is None else base)
-    native = os.environ.get("LAB_FAKE_NATIVE_BIN")  # the C launchers (warmfakes.py), if built
-    env["PATH"] = os.pathsep.join([*([native] if native else []), BIN_DIR,
-                                   os.path.dirname(sys.executable), env.get("PATH", "")])
+    env["PATH"] = fakes_path(env.get("PATH", ""))
     env[STATE_ENV] = str(state_dir)
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -23,11 +23,14 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 FAKES_DIR = os.path.dirname(os.path.abspath(__file__))
 WARM_ENV = "LAB_FAKE_WARM"
-NATIVE_ENV = "LAB_FAKE_NATIVE_BIN"  # the C launchers' directory, on PATH before tests/fakes/bin
+# the C launchers' directory, put on PATH before tests/fakes/bin by fakelib.fakes_path (which
+# names it NATIVE_BIN_ENV: this file also runs as a script, beside fakelib rather than in tests)
+NATIVE_ENV = "LAB_FAKE_NATIVE_BIN"
 _MAX_REQUEST = 1 << 20
 _FDS = 4  # stdin, stdout, stderr, the read end of the caller's liveness pipe
 
@@ -52,6 +55,8 @@ class WarmFakeServer:
             raise RuntimeError("the warm fake server did not start (its stderr says why)")
 
     def export(self) -> None:
+        """``$LAB_FAKE_WARM`` for this process and its children, and ``$LAB_FAKE_NATIVE_BIN``
+        where the C launchers could be built."""
         os.environ[WARM_ENV] = self.address
         try:  # test_warm_fakes.py fails where the build does; the Python launchers serve here
             native = build_native_launchers(os.path.join(self._dir, "bin"))
@@ -182,33 +187,48 @@ def serve(address: str) -> tuple[socket.socket, bytes, list[int]] | None:
                     os.close(fd)
                 calls[pid] = conn
             elif key.fileobj == wakeup_r:
-                os.read(wakeup_r, 4096)
-                while calls:
-                    pid, wait_status = os.waitpid(-1, os.WNOHANG)
-                    if pid == 0:
-                        break
-                    conn = calls.pop(pid)
-                    with contextlib.suppress(OSError):  # the caller may be gone
-                        conn.send(b"x%d" % os.waitstatus_to_exitcode(wait_status))
-                    conn.close()
+                report_exits(wakeup_r, calls, lambda code: b"x%d" % code)
             elif not os.read(sys.stdin.fileno(), 4096):
                 return None
 
 
-def _stdio(fd: int, old: Any) -> Any:
-    """``sys.std*`` for descriptor 0/1/2 as a fresh interpreter makes it."""
+def adopt_stdio() -> None:
+    """``sys.std*`` (and ``sys.__std*__``) for descriptors 0/1/2 as a fresh interpreter makes
+    them at start, with the encoding this one was started with. The warm task interpreter
+    (tests/support/warm.py) uses it too."""
     import io
 
-    # newline="\n": lines split at "\n" and nothing translated, as CPython's create_stdio
-    if fd == 0:
-        return io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "rb", closefd=False)),
-                                encoding=old.encoding, errors=old.errors, newline="\n")
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    raw = io.FileIO(fd, "wb", closefd=False)
-    line_buffered = not unbuffered and (raw.isatty() or fd == 2)
-    return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=old.encoding,
-                            errors=old.errors, newline="\n", line_buffering=line_buffered,
-                            write_through=unbuffered)
+    def fresh(fd: int, old: Any) -> Any:
+        # newline="\n": lines split at "\n" and nothing translated, as CPython's create_stdio
+        if fd == 0:
+            return io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "rb", closefd=False)),
+                                    encoding=old.encoding, errors=old.errors, newline="\n")
+        unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
+        raw = io.FileIO(fd, "wb", closefd=False)
+        line_buffered = not unbuffered and (raw.isatty() or fd == 2)
+        return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw),
+                                encoding=old.encoding, errors=old.errors, newline="\n",
+                                line_buffering=line_buffered, write_through=unbuffered)
+
+    sys.stdin, sys.stdout, sys.stderr = (fresh(0, sys.stdin), fresh(1, sys.stdout),
+                                         fresh(2, sys.stderr))
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+
+
+def report_exits(wakeup_r: int, children: dict[int, socket.socket],
+                 message: Callable[[int], bytes]) -> None:
+    """After SIGCHLD (``wakeup_r`` readable): reap every child that ended and send its caller
+    ``message(exit status)`` (a signal as its negative number) on its socket, then close it.
+    The warm task interpreter reaps its children with it too."""
+    os.read(wakeup_r, 4096)
+    while children:
+        pid, wait_status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            break
+        conn = children.pop(pid)
+        with contextlib.suppress(OSError):  # the caller may have stopped waiting
+            conn.send(message(os.waitstatus_to_exitcode(wait_status)))
+        conn.close()
 
 
 def become_call(conn: socket.socket, request: bytes, fds: list[int]) -> int:
@@ -240,8 +260,7 @@ def become_call(conn: socket.socket, request: bytes, fds: list[int]) -> int:
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(os.fsdecode(item).split("=", 1) for item in rest[int(count):])
-    sys.stdin, sys.stdout, sys.stderr = (_stdio(0, sys.stdin), _stdio(1, sys.stdout),
-                                         _stdio(2, sys.stderr))
+    adopt_stdio()
     sys.argv = [argv0, *argv]
     return _exit_status(lambda: fakelib.main(tool, argv))
 

@@ -21,7 +21,6 @@ fresh interpreter on purpose (a terminal, import order, start-up time) start one
 from __future__ import annotations
 
 import array
-import contextlib
 import inspect
 import json
 import os
@@ -34,6 +33,8 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+from tests.fakes.warmfakes import adopt_stdio, report_exits
 
 REPO = Path(__file__).resolve().parents[2]
 COLD_ENV = "LAB_TEST_COLD_TASKS"
@@ -245,24 +246,6 @@ def _pythonpath() -> list[str]:
     return [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
-def _stdio(fd: int, name: str) -> Any:
-    """A fresh ``sys.std*`` for fd 0/1/2 as the interpreter makes it at start."""
-    import io
-
-    old = getattr(sys, name)
-    encoding, errors = old.encoding, old.errors
-    # newline="\n": lines split at "\n" and nothing translated, as CPython's create_stdio
-    if fd == 0:
-        return io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "rb", closefd=False)),
-                                encoding=encoding, errors=errors, newline="\n")
-    unbuffered = bool(os.environ.get("PYTHONUNBUFFERED"))
-    raw = io.FileIO(fd, "wb", closefd=False)
-    line_buffered = not unbuffered and (raw.isatty() or fd == 2)
-    return io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=encoding,
-                            errors=errors, newline="\n", line_buffering=line_buffered,
-                            write_through=unbuffered)
-
-
 def _become_task(request: dict[str, Any], status: socket.socket, fds: list[int]) -> None:
     """In the forked child: take the caller's stdio, directory and environment, run invoke."""
     import runpy
@@ -283,9 +266,7 @@ def _become_task(request: dict[str, Any], status: socket.socket, fds: list[int])
     for module, attribute, compute in IMPORT_TIME_ENV:
         if module in sys.modules:
             setattr(sys.modules[module], attribute, compute(os.environ))
-    sys.stdin, sys.stdout, sys.stderr = (_stdio(0, "stdin"), _stdio(1, "stdout"),
-                                         _stdio(2, "stderr"))
-    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+    adopt_stdio()
     # as a fresh `python -m` makes it: the working directory, $PYTHONPATH, then the rest
     sys.path[:] = [request["cwd"], *_pythonpath(), *_INTERPRETER_PATH]
     sys.argv = ["-m", *request["argv"]]
@@ -333,15 +314,7 @@ def _serve(control: socket.socket
                     os.close(fd)
                 children[pid] = status
             else:
-                os.read(wakeup_r, 4096)
-                while children:
-                    pid, wait_status = os.waitpid(-1, os.WNOHANG)
-                    if pid == 0:
-                        break
-                    status = children.pop(pid)
-                    with contextlib.suppress(OSError):  # the caller may have stopped waiting
-                        status.send(_MESSAGE.pack(b"x", os.waitstatus_to_exitcode(wait_status)))
-                    status.close()
+                report_exits(wakeup_r, children, lambda code: _MESSAGE.pack(b"x", code))
 
 
 # sys.path past its first entry and $PYTHONPATH's: the interpreter's own (stdlib, site-packages)
